@@ -1,0 +1,332 @@
+"""Reading and writing 3D volumes with their geometry, through SimpleITK only.
+
+Conventions used everywhere in ``mimcore``:
+
+* ``Volume.array`` has shape ``(X, Y, Z)``: index ``[i, j, k]`` runs along the image's
+  first, second and third axis (x fastest in the file). This is the transpose of
+  ``SimpleITK.GetArrayFromImage``, which returns ``(Z, Y, X)``, and the layout that
+  MONAI and nibabel use.
+* ``Volume.affine`` is a 4x4 float64 matrix mapping a voxel index ``(i, j, k, 1)`` to
+  RAS millimetres (x towards the patient's Right->Left is *negative* x: R is +x, A is
+  +y, S is +z). ITK/DICOM geometry is LPS; RAS is LPS with x and y negated.
+
+Supported inputs: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``) and DICOM series directories. Every failure a user can cause is a
+:class:`mimcore.errors.MimError` whose message says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from mimcore.errors import MimError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a folder holding one DICOM series"
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume with its geometry.
+
+    array:  ``(X, Y, Z)`` float32, ``array[i, j, k]`` is the voxel at index (i, j, k).
+    affine: ``(4, 4)`` float64, ``affine @ (i, j, k, 1)`` is that voxel's centre in RAS mm.
+    source: where it came from (a path, or a description).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """``(3,)`` voxel size in mm along i, j, k (norms of the affine's columns)."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def origin_ras(self) -> np.ndarray:
+        """``(3,)`` RAS position in mm of the centre of voxel (0, 0, 0)."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def direction_ras(self) -> np.ndarray:
+        """``(3, 3)`` unit column vectors: the RAS directions of the i, j, k axes."""
+        return self.affine[:3, :3] / self.spacing
+
+
+def affine_from_sitk(image: sitk.Image) -> np.ndarray:
+    """The ``(4, 4)`` voxel-index -> RAS affine of a 3D SimpleITK image (LPS geometry)."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(np.array(image.GetSpacing(), dtype=np.float64))
+    affine[:3, 3] = _LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=np.float64)
+    return affine
+
+
+def sitk_geometry(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """LPS ``(origin, spacing, direction)`` for SimpleITK from a RAS ``(4, 4)`` affine.
+
+    Raises MimError when the affine is not finite, has a zero-length axis or a shear
+    (ITK images need an orthonormal direction matrix).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise MimError(f"The affine must be a finite 4x4 matrix, got shape {affine.shape}. "
+                       "Pass the affine of the volume the array came from.")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise MimError(f"The affine has a zero-length axis (spacing {spacing.tolist()}). "
+                       "Pass the affine of the volume the array came from.")
+    direction = affine[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise MimError("The affine has a shear (its axes are not perpendicular), which NIfTI/NRRD "
+                       "via ITK cannot store. Resample the volume onto a grid without shear first.")
+    origin = _LPS_TO_RAS @ affine[:3, 3]
+    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple((_LPS_TO_RAS @ direction).ravel().tolist())
+
+
+def _itk_message(err: Exception) -> str:
+    """The useful line of an ITK exception (ITK messages carry C++ file names first)."""
+    text = str(err)
+    match = re.search(r"(?:sitk::ERROR|itk::ERROR)[^:]*:\s*(.+)", text)
+    if match:
+        return match.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's own warnings on stderr (we report problems as MimError/warnings)."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The lower-case suffix of a volume path, with ``.nii.gz`` as one suffix."""
+    path = Path(path)
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def dicom_series_files(folder: str | os.PathLike, warn: bool = True) -> list[str]:
+    """The slice files of the DICOM series in ``folder`` (sorted by GDCM), or ``[]``.
+
+    With several series, the one with the most files is chosen (and a warning says so).
+    """
+    folder = str(folder)
+    reader = sitk.ImageSeriesReader
+    with _quiet_itk():
+        series_ids = reader.GetGDCMSeriesIDs(folder)
+        candidates = [list(reader.GetGDCMSeriesFileNames(folder, sid)) for sid in series_ids]
+    candidates = [files for files in candidates if files]
+    if not candidates:
+        return []
+    candidates.sort(key=len, reverse=True)
+    if len(candidates) > 1 and warn:
+        sizes = ", ".join(str(len(files)) for files in candidates)
+        warnings.warn(f"{folder} holds {len(candidates)} DICOM series ({sizes} files); using the one "
+                      f"with the most files ({len(candidates[0])}). Put each series in its own folder "
+                      "to choose another.", stacklevel=3)
+    return candidates[0]
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    files = dicom_series_files(folder)
+    if not files:
+        found = sorted(p.name for p in folder.iterdir() if volume_suffix(p) in VOLUME_SUFFIXES)[:5]
+        hint = f" It holds volume files ({', '.join(found)}): pass one of them instead." if found else ""
+        raise MimError(f"No DICOM series found in folder {folder}.{hint} Pass a folder that contains "
+                       f"the DICOM files of one series, or a volume file: {_SUPPORTED}.")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with _quiet_itk():
+            return reader.Execute()
+    except RuntimeError as err:
+        raise MimError(f"Could not read the DICOM series in {folder} ({len(files)} files): "
+                       f"{_itk_message(err)}. Check that the series is complete and not compressed "
+                       "with an unsupported transfer syntax.") from None
+
+
+def _read_file(path: Path) -> sitk.Image:
+    suffix = volume_suffix(path)
+    if suffix not in VOLUME_SUFFIXES:
+        io_name = ""
+        with _quiet_itk(), contextlib.suppress(RuntimeError):
+            io_name = sitk.ImageFileReader().GetImageIOFromFileName(str(path))
+        if io_name == "GDCMImageIO":
+            raise MimError(f"{path} is a single DICOM file. Pass the folder that holds the whole "
+                           f"series instead: {path.parent}")
+        raise MimError(f"Unsupported file type '{suffix or path.name}' for {path}. "
+                       f"mimcore reads {_SUPPORTED}. Convert it, e.g. with 3D Slicer (Save as .nrrd).")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_itk():
+            image = reader.Execute()
+    except RuntimeError as err:
+        raise MimError(f"Could not read {path}: {_itk_message(err)}. The file is damaged or not a "
+                       f"valid {suffix} image; re-export it.") from None
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_complete(path, reader)
+    return image
+
+
+def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
+    """ITK's NIfTI reader fills a truncated file's missing voxels with zeros, silently.
+
+    Compare the data length implied by the header (as ITK parsed it) with what the
+    file holds. For ``.nii.gz`` the gzip trailer's length field is compared first; only
+    when it disagrees is the whole stream decompressed (which checks end marker and CRC).
+    """
+    keys = set(reader.GetMetaDataKeys())
+    if not {"vox_offset", "bitpix", "dim[0]"} <= keys or reader.GetMetaData("nifti_type") not in ("1", "4"):
+        return  # not a single-file NIfTI-1 or NIfTI-2: nothing to compare
+    ndim = int(reader.GetMetaData("dim[0]"))
+    voxels = int(np.prod([int(reader.GetMetaData(f"dim[{d}]")) for d in range(1, ndim + 1)]))
+    expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as raw:  # fast path: the gzip trailer holds the length mod 2**32
+            raw.seek(max(path.stat().st_size - 4, 0))
+            if int.from_bytes(raw.read(4), "little") == expected % (1 << 32):
+                return
+        length = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    length += len(chunk)
+        except (OSError, EOFError, zlib.error) as err:
+            raise MimError(f"{path} is truncated or damaged ({err}). Copy or download it again.") from None
+    else:
+        length = path.stat().st_size
+    if length < expected:
+        raise MimError(f"{path} is truncated: its header needs {expected} bytes, the file holds {length}. "
+                       "Copy or download it again.")
+
+
+def _as_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
+    """Squeeze a trailing size-1 4th axis and a single vector component; refuse the rest."""
+    size = list(image.GetSize())
+    components = image.GetNumberOfComponentsPerPixel()
+    if image.GetDimension() == 4 and size[3] == 1:
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3:
+        kind = {2: "2D"}.get(image.GetDimension(), f"{image.GetDimension()}D")
+        raise MimError(f"{path} is a {kind} image of size {'x'.join(map(str, size))}; mimcore needs a "
+                       "single 3D volume. For a time series or multi-volume file, save the one 3D "
+                       "volume you want (e.g. in 3D Slicer) and pass that.")
+    if components > 1:
+        raise MimError(f"{path} has {components} values per voxel (a vector/colour image); mimcore "
+                       "needs one scalar per voxel. Extract or convert to one grey-value channel first.")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise MimError(f"{path} has complex voxels; convert it to real values (e.g. magnitude) first.")
+    if "vector" in image.GetPixelIDTypeAsString().lower():  # one-component vector image
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    return image
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Load a 3D volume as float32 ``(X, Y, Z)`` with its RAS affine.
+
+    ``path`` is a NIfTI/NRRD/MetaImage file or a folder with a DICOM series (the largest
+    series when there are several, with a warning). Raises MimError for a missing path,
+    an unreadable or unsupported file, a non-3D or vector image, or NaN/infinite voxels.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MimError(f"No such file or folder: {path}. Check the path (relative paths are "
+                       f"relative to {Path.cwd()}).")
+    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    image = _as_3d_scalar(image, path)
+    is_float = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+    float_image = sitk.Cast(image, sitk.sitkFloat32)
+    array = np.ascontiguousarray(sitk.GetArrayViewFromImage(float_image).transpose(2, 1, 0))
+    bad = int(array.size - np.count_nonzero(np.isfinite(array))) if is_float else 0
+    if bad:
+        raise MimError(f"{path} has {bad} NaN or infinite voxel(s) out of {array.size}. Replace them "
+                       "(e.g. with the background value) before using it.")
+    return Volume(array, affine_from_sitk(image), str(path))
+
+
+def _prepare_array(array, dtype) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch.Tensor / MetaTensor
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise MimError(f"save_volume needs an (X, Y, Z) or (1, X, Y, Z) array, got shape {array.shape}.")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    dtype = np.dtype(dtype) if dtype is not None else (
+        np.dtype(np.float32) if array.dtype == np.float64 else array.dtype)
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)):
+            raise MimError("Cannot save NaN or infinite values as an integer image.")
+        array = np.rint(array)
+    if np.issubdtype(dtype, np.integer) and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise MimError(f"Values {array.min()}..{array.max()} do not fit in {dtype.name}; "
+                           "choose a wider dtype.")
+    return array.astype(dtype, copy=False)
+
+
+def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None,
+                reference: Volume | str | os.PathLike | None = None, dtype=None) -> Path:
+    """Write ``array`` (``(X, Y, Z)`` or ``(1, X, Y, Z)``, numpy or torch) with its RAS affine.
+
+    The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``,
+    ``.mhd``). ``affine`` may be omitted when ``reference`` (a Volume or a volume path) is
+    given: the array is then written on the reference's grid, and its shape must match.
+    ``dtype`` sets the voxel type on disk (e.g. ``np.uint8`` for label maps; values are
+    rounded); default: the array's dtype (float64 is written as float32).
+    Returns the written path.
+    """
+    path = Path(path).expanduser()
+    if volume_suffix(path) not in WRITE_SUFFIXES:
+        raise MimError(f"Cannot write '{path.name}': use one of {', '.join(WRITE_SUFFIXES)}.")
+    array = _prepare_array(array, dtype)
+    if reference is not None:
+        ref = reference if isinstance(reference, Volume) else load_volume(reference)
+        if tuple(array.shape) != ref.shape:
+            raise MimError(f"Array shape {array.shape} does not match the reference grid {ref.shape} "
+                           f"of {ref.source}; resample the array onto that grid first.")
+        if affine is None:
+            affine = ref.affine
+    if affine is None:
+        raise MimError("save_volume needs an affine or a reference volume to place the array in space.")
+    origin, spacing, direction = sitk_geometry(affine)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_itk():
+            sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as err:
+        raise MimError(f"Could not write {path}: {_itk_message(err)}. Check that the folder is "
+                       "writable and the disk is not full.") from None
+    return path

@@ -1,0 +1,106 @@
+"""ConvViT3D: the hybrid conv + ViT encoder of MiM (ConvMAE style), methods.md section 1.
+
+Stages for a (B, 1, S, S, S) input (S = 96 for ``base``):
+
+=====  ===================================================  ======================
+stage  operation                                            output
+=====  ===================================================  ======================
+1      patch embed k2 s2 (1 -> C1), 2 conv blocks           (B, S/2, S/2, S/2, C1)
+2      patch embed k2 s2 (C1 -> C2), 2 conv blocks          (B, S/4, ..., C2)
+3      patch embed k2 s2 (C2 -> C3), 2 conv blocks          (B, S/8, ..., C3)
+4      patch embed k2 s2 (C3 -> C4), Linear, + pos embed,   (B, L, C4), L = (S/16)^3
+       visible tokens only, transformer blocks, + skips,
+       LayerNorm
+=====  ===================================================  ======================
+
+Tokens are ordered in raster order over (d, h, w) of the (S/16)^3 grid, the same order
+as :func:`mimcore.methods.masking.patchify`.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from torch import nn
+
+from mimcore.models.layers import ConvBlock, PatchEmbed, StridedConv3d, TransformerBlock, space_to_depth
+from mimcore.models.presets import ModelConfig
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Pick tokens: x (B, L, C), ids (B, K) -> (B, K, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def upsample_token_mask(visible: torch.Tensor, grid: int, factor: int) -> torch.Tensor:
+    """visible (B, L) with L = grid^3 -> (B, grid*f, grid*f, grid*f, 1) of 0/1, nearest upsampling."""
+    m = visible.reshape(-1, grid, grid, grid)
+    for axis in (1, 2, 3):
+        m = m.repeat_interleave(factor, dim=axis)
+    return m.unsqueeze(-1)
+
+
+class ConvViT3D(nn.Module):
+    """The MiM encoder. ``forward(x, ids_keep)``: x (B, 1, S, S, S) -> tokens (B, K, C4).
+
+    With ``ids_keep`` (B, K) only those tokens enter the transformer (MAE style) and the
+    conv stages multiply by the visible mask; without it all L tokens are returned.
+    """
+
+    def __init__(self, cfg: ModelConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        c1, c2, c3, c4 = cfg.dims
+        chans = (1, c1, c2, c3)
+        self.embeds = nn.ModuleList(PatchEmbed(chans[i], cfg.dims[i]) for i in range(4))
+        self.conv_stages = nn.ModuleList(
+            nn.ModuleList(ConvBlock(cfg.dims[i], cfg.mlp_ratio) for _ in range(cfg.conv_depths[i])) for i in range(3)
+        )
+        self.token_proj = nn.Linear(c4, c4)
+        # fixed 3D sin-cos position embedding (1, L, C4); a buffer so checkpoints carry it
+        pos = build_sincos_position_embedding(cfg.grid, c4, spatial_dims=3).data
+        self.register_buffer("pos_embed", pos.reshape(1, cfg.grid**3, c4).clone())
+        rates = torch.linspace(0, drop_path, cfg.vit_depth).tolist()
+        self.blocks = nn.ModuleList(TransformerBlock(c4, cfg.vit_heads, cfg.mlp_ratio, r) for r in rates)
+        # skip paths: stage 1-3 outputs to the token grid, kernel = stride = 8, 4, 2
+        self.skips = nn.ModuleList(StridedConv3d(cfg.dims[i], c4, 2 ** (3 - i)) for i in range(3))
+        self.norm = nn.LayerNorm(c4, eps=1e-6)
+
+    def conv_features(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Stages 1-3: x (B, 1, S, S, S) -> [(B, S/2^(i+1), ..., C_i+1) channels-last] for i = 0, 1, 2."""
+        g = self.cfg.grid
+        h = x.permute(0, 2, 3, 4, 1)
+        feats = []
+        for i in range(3):
+            h = self.embeds[i](h)
+            mask = None if visible is None else upsample_token_mask(visible, g, 2 ** (3 - i)).to(h.dtype)
+            for blk in self.conv_stages[i]:
+                h = blk(h, mask)
+            feats.append(h)
+        return feats
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        n_tokens = self.cfg.grid**3
+        visible = None
+        if ids_keep is not None:
+            visible = torch.zeros(b, n_tokens, device=x.device)
+            visible.scatter_(1, ids_keep, 1.0)
+        feats = self.conv_features(x, visible)
+        tokens = self.token_proj(self.embeds[3](feats[2]).reshape(b, n_tokens, -1)) + self.pos_embed
+        skip = sum(
+            self.skips[i](feats[i]).reshape(b, n_tokens, -1) if ids_keep is None
+            else self._skip_visible(i, feats[i], ids_keep)
+            for i in range(3)
+        )
+        if ids_keep is not None:
+            tokens = gather_tokens(tokens, ids_keep)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens + skip)
+
+    def _skip_visible(self, i: int, feat: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Skip path of stage i+1 evaluated on the visible tokens only: (B, K, C4)."""
+        conv = self.skips[i]
+        patches = space_to_depth(feat, conv.k).reshape(feat.shape[0], -1, feat.shape[-1] * conv.k**3)
+        return torch.nn.functional.linear(gather_tokens(patches, ids_keep), conv.weight.flatten(1), conv.bias)

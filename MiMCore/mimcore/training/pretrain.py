@@ -1,0 +1,285 @@
+"""The MiM pre-training engine: one function, :func:`run_pretrain`, used by ``mim pretrain``.
+
+Per optimizer step: ``accum`` micro-batches of ``batch`` crops per process, each
+through the three MiM levels; AdamW with warm-up + cosine; mixed precision on CUDA
+(bf16 where supported, else fp16 with a gradient scaler); optional clipping; DDP
+under ``torchrun``. Checkpoints are atomic and resuming continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from monai.optimizers import WarmupCosineSchedule
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mimcore.data.preprocess import Preprocessing
+from mimcore.errors import MimError
+from mimcore.methods.mim import MiMPretrainModel
+from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.training import distributed
+from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from mimcore.training.optim import make_optimizer, scaled_lr
+from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
+from mimcore.training.progress import Progress
+
+
+@dataclass
+class PretrainArgs:
+    """Everything that defines a pre-training run (saved in every checkpoint)."""
+
+    output: str
+    datalist: str | None = None
+    data_dir: str | None = None
+    section: str | None = None
+    preset: str = "base"
+    batch: int = 1
+    accum: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    warmup_steps: int | None = None
+    warmup_epochs: float = 40.0
+    base_lr: float = 1e-4
+    lr: float | None = None
+    weight_decay: float = 0.05
+    clip_grad: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    resume: str | None = None
+    progress: str = "bar"
+    tensorboard: bool = True
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    mim: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MimError("--device cuda was asked for but PyTorch sees no CUDA GPU (CPU-only build or no driver); "
+                       "use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None for fp32; bf16 where the GPU supports it, else fp16, for ``auto`` on CUDA."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, in state-dict order (bitwise equality check)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _schedule_steps(args: PretrainArgs, steps_per_epoch: int) -> tuple[int, int]:
+    if args.steps is None and args.epochs is None:
+        raise MimError("give the length of the run: --steps N or --epochs E")
+    total = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    if total < 1:
+        raise MimError("the run must have at least one step")
+    warm = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_epochs * steps_per_epoch)
+    return total, min(warm, total)
+
+
+def run_pretrain(args: PretrainArgs) -> dict:
+    """Run (or resume) pre-training. Returns a summary dict (also the ``done`` event)."""
+    device = resolve_device(args.device)
+    dist_info = distributed.setup(str(device))
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _run(args, device, dist_info)
+    finally:
+        distributed.cleanup()
+
+
+def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
+    run_dir = Path(args.output)
+    model_cfg = get_preset(args.preset)
+    mim_cfg = MiMConfig(**args.mim)
+    prep = Preprocessing(hu_min=args.hu_window[0], hu_max=args.hu_window[1])
+    volumes = find_volumes(args.datalist, args.data_dir, args.section)
+    resume_from = None
+    if args.resume:
+        resume_from = find_checkpoint(run_dir if args.resume == "auto" else Path(args.resume))
+
+    torch.manual_seed(args.seed)
+    model = MiMPretrainModel(model_cfg, mim_cfg).to(device)
+    eff_batch = args.batch * args.accum * dist_info.world
+    lr = args.lr if args.lr is not None else scaled_lr(args.base_lr, eff_batch)
+    optimizer = make_optimizer(model, lr, args.weight_decay)
+    amp_dtype = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    dataset = RandomCrops(volumes, model_cfg.crop_size, prep)
+    per_rank = math.ceil(len(dataset) / dist_info.world)
+    steps_per_epoch = max(1, math.ceil(per_rank / (args.batch * args.accum)))
+    total, warmup = _schedule_steps(args, steps_per_epoch)
+
+    start = 0
+    if resume_from is not None:
+        meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True)
+        if meta["model"] != model_cfg.to_dict():
+            raise MimError(f"{resume_from} was made with another model size; resume with --preset {meta['preset']}")
+        model.load_state_dict(weights)
+        if optim_state is None:
+            raise MimError(f"{resume_from} holds no optimizer state; it cannot be resumed exactly")
+        optimizer.load_state_dict(optim_state)
+        if scaler.is_enabled() and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        start = int(meta["step"])
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            scheduler.step()
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist_info.enabled else model
+    n_micro = max(0, total - start) * args.accum
+    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), args.batch, start * args.accum * args.batch,
+                                                           n_micro, args.seed, dist_info.rank, dist_info.world),
+                        num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    meta_base = {"preset": args.preset, "model": model_cfg.to_dict(), "mim": mim_cfg.to_dict(),
+                 "preprocessing": prep.to_dict(), "method": "mim", "args": asdict(args),
+                 "lr": lr, "effective_batch": eff_batch, "total_steps": total, "warmup_steps": warmup,
+                 "world_size": dist_info.world}
+    writer = _tensorboard(run_dir, args) if dist_info.is_main else None
+    metrics_path = run_dir / "metrics.jsonl"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+    report = Progress("pretrain", total, args.progress, start=start, enabled=dist_info.is_main)
+    report.event("start", stage="pretrain", message=volumes_summary(volumes), total=total, step=start,
+                 device=str(device), lr=lr, effective_batch=eff_batch)
+    if resume_from is not None:
+        report.event("resume", path=str(resume_from), step=start)
+
+    def save(step: int, metrics: dict) -> None:
+        if dist_info.is_main:
+            meta = dict(meta_base, metrics=metrics, scaler=scaler.state_dict() if scaler.is_enabled() else None)
+            path = save_checkpoint(run_dir, step, model, meta, optimizer)
+            report.event("checkpoint", path=str(path), step=step)
+
+    step, metrics, it = start, {}, iter(loader)
+    model.train()
+    try:
+        while step < total:
+            sums: dict[str, float] = {}
+            for micro in range(args.accum):
+                crop = next(it).to(device, non_blocking=True)
+                gen = torch.Generator().manual_seed(stream_seed(args.seed, step * args.accum + micro, dist_info.rank))
+                sync = contextlib.nullcontext() if (not dist_info.enabled or micro == args.accum - 1) else net.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = net(crop, gen)
+                scaler.scale(out["loss"] / args.accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / args.accum
+            if not math.isfinite(sums["loss"]):
+                raise MimError(f"the loss became {sums['loss']} at step {step + 1}; lower the learning rate "
+                               "(--lr/--base-lr) or enable clipping (--clip-grad 1.0), then --resume")
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            sums["lr"] = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            metrics = {k: float(f"{v:.6g}") for k, v in sums.items()}
+            if dist_info.is_main:
+                _log(metrics_path, writer, step, metrics)
+            if step % max(1, args.log_every) == 0 or step == total:
+                report.update(step, metrics)
+            if args.save_every and step % args.save_every == 0 and step < total:
+                save(step, metrics)
+    except KeyboardInterrupt:
+        if step > start:
+            save(step, metrics)
+        raise
+    save(step, metrics)
+    report.close()
+    if writer is not None:
+        writer.close()
+    summary = {"step": step, "total": total, "metrics": metrics, "rank": dist_info.rank,
+               "weights_sha256": weights_digest(model), "output": str(run_dir)}
+    if dist_info.is_main:
+        summary["checkpoint"] = str(find_checkpoint(run_dir))
+        summary["loss_curve"] = str(plot_loss_curve(metrics_path, run_dir / "loss_curve.png"))
+    if args.progress == "json":  # every rank reports, so DDP runs can be compared
+        print(json.dumps({"event": "done", **summary}), flush=True)
+    return summary
+
+
+def _tensorboard(run_dir: Path, args: PretrainArgs):
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboard is not installed; no TensorBoard logs are written")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (a resumed run rewrites what follows)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _log(path: Path, writer, step: int, metrics: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(f"pretrain/{k}", v, step)
+
+
+def plot_loss_curve(metrics_path: Path, png: Path) -> Path:
+    """PNG of the total and per-level losses against the step, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "l1", "l2", "l3"):
+        ax1.plot(steps, [r[key] for r in rows], label=key, lw=2 if key == "loss" else 1)
+    for key in ("a12", "a23"):
+        ax2.plot(steps, [r[key] for r in rows], label=key)
+    ax1.set(title="reconstruction (norm-pix MSE) and total", xlabel="step")
+    ax2.set(title="cross-level alignment (2 - 2 cos)", xlabel="step")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -15,11 +15,20 @@ stage  operation                                            output
 
 Tokens are ordered in raster order over (d, h, w) of the (S/16)^3 grid, the same order
 as :func:`mimcore.methods.masking.patchify`.
+
+Masked forward, visible tokens only. In a conv block the hidden voxels are zeroed right
+before the depthwise conv and every other operation is per voxel or within a token, so
+the features of visible tokens never depend on hidden regions. The masked path
+therefore keeps the conv stages in a *visible-token layout* (B*K, t, t, t, C), t = the
+token's edge at that stage, and runs every per-voxel operation on visible voxels only;
+only the depthwise conv sees the full grid (hidden voxels zero). The result equals the
+dense masked computation on the visible tokens (tests compare at 1e-5).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
@@ -79,28 +88,62 @@ class ConvViT3D(nn.Module):
             feats.append(h)
         return feats
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+        """x (B, 1, S, S, S), ids_keep (B, K) or None -> (B, K or L, C4).
+
+        ``dense=True`` computes the masked conv stages on the whole grid (the reference
+        the visible-token path is tested against).
+        """
         b = x.shape[0]
         n_tokens = self.cfg.grid**3
-        visible = None
-        if ids_keep is not None:
-            visible = torch.zeros(b, n_tokens, device=x.device)
-            visible.scatter_(1, ids_keep, 1.0)
-        feats = self.conv_features(x, visible)
-        tokens = self.token_proj(self.embeds[3](feats[2]).reshape(b, n_tokens, -1)) + self.pos_embed
-        skip = sum(
-            self.skips[i](feats[i]).reshape(b, n_tokens, -1) if ids_keep is None
-            else self._skip_visible(i, feats[i], ids_keep)
-            for i in range(3)
-        )
-        if ids_keep is not None:
-            tokens = gather_tokens(tokens, ids_keep)
+        if ids_keep is not None and not dense:
+            tokens, skip = self._visible_stages(x, ids_keep)
+        else:
+            visible = None
+            if ids_keep is not None:
+                visible = torch.zeros(b, n_tokens, device=x.device, dtype=x.dtype).scatter_(1, ids_keep, 1.0)
+            feats = self.conv_features(x, visible)
+            tokens = self.token_proj(self.embeds[3](feats[2]).reshape(b, n_tokens, -1)) + self.pos_embed
+            skip = sum(self.skips[i](feats[i]).reshape(b, n_tokens, -1) for i in range(3))
+            if ids_keep is not None:
+                tokens, skip = gather_tokens(tokens, ids_keep), gather_tokens(skip, ids_keep)
         for blk in self.blocks:
             tokens = blk(tokens)
         return self.norm(tokens + skip)
 
-    def _skip_visible(self, i: int, feat: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Skip path of stage i+1 evaluated on the visible tokens only: (B, K, C4)."""
-        conv = self.skips[i]
-        patches = space_to_depth(feat, conv.k).reshape(feat.shape[0], -1, feat.shape[-1] * conv.k**3)
-        return torch.nn.functional.linear(gather_tokens(patches, ids_keep), conv.weight.flatten(1), conv.bias)
+    def _visible_stages(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 1-4 embedding on visible tokens only: -> (tokens (B, K, C4) with pos, skip sum (B, K, C4))."""
+        b, k = ids_keep.shape
+        g, p = self.cfg.grid, self.cfg.patch_size
+        rows = (ids_keep + torch.arange(b, device=x.device)[:, None] * g**3).reshape(-1)  # (B*K,)
+        h = to_token_layout(x.permute(0, 2, 3, 4, 1), g).index_select(0, rows)  # (B*K, p, p, p, 1)
+
+        def spatial(dw, y):  # y (B*K, t, t, t, C) -> depthwise conv on the zero-filled full grid
+            full = y.new_zeros(b * g**3, *y.shape[1:]).index_copy(0, rows, y)
+            out = dw(from_token_layout(full, b, g).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+            return to_token_layout(out, g).index_select(0, rows)
+
+        skip = 0
+        for i in range(3):
+            h = self.embeds[i](h)
+            for blk in self.conv_stages[i]:
+                h = blk(h, spatial=spatial)
+            conv = self.skips[i]  # kernel = stride = the token's edge: one output per token
+            skip = skip + F.linear(space_to_depth(h, conv.k).reshape(b, k, -1), conv.weight.flatten(1), conv.bias)
+        tokens = self.token_proj(self.embeds[3](h).reshape(b, k, -1))
+        return tokens + gather_tokens(self.pos_embed.expand(b, -1, -1), ids_keep), skip
+
+
+def to_token_layout(h: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, g*t, g*t, g*t, C) -> (B*g^3, t, t, t, C): one row per token, raster token order."""
+    b, d, _, _, c = h.shape
+    t = d // g
+    h = h.reshape(b, g, t, g, t, g, t, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return h.reshape(b * g**3, t, t, t, c)
+
+
+def from_token_layout(h: torch.Tensor, b: int, g: int) -> torch.Tensor:
+    """(B*g^3, t, t, t, C) -> (B, g*t, g*t, g*t, C), the inverse of :func:`to_token_layout`."""
+    t, c = h.shape[1], h.shape[-1]
+    h = h.reshape(b, g, g, g, t, t, t, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return h.reshape(b, g * t, g * t, g * t, c)

@@ -70,11 +70,16 @@ class ConvBlock(nn.Module):
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, spatial=None) -> torch.Tensor:
+        """``spatial(dw, y)``, if given, runs the depthwise conv on y laid out some other way
+        (the visible-token layout of :class:`~mimcore.models.convvit.ConvViT3D`)."""
         y = self.pw_in(self.norm1(x))
         if mask is not None:
             y = y * mask
-        y = self.dw(y.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        if spatial is not None:
+            y = spatial(self.dw, y)
+        else:
+            y = self.dw(y.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
         x = x + self.drop_path(self.pw_out(y))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -252,7 +252,10 @@ def write_sheet(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]]) -> Pa
             ax = axes[r][c]
             ax.imshow(_middle_axial(arrays[role]), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
                       interpolation="nearest")
-            ax.set_title(f"{title}\n{role}", fontsize=9)
+            if r == 0:
+                ax.set_title(role, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("MiM levels (middle axial slice; hidden tokens dark in 'hidden')", fontsize=10)
@@ -308,10 +311,12 @@ def pick_device(device: str | None) -> torch.device:
 
 def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int = 0,
                 device: str | None = None,
-                progress: Callable[[int, int, dict], None] | None = None) -> ReconstructionResult:
+                progress: Callable[[int, int, dict], None] | None = None,
+                notice: Callable[[str], None] | None = None) -> ReconstructionResult:
     """Run the whole ``mim reconstruct``: returns where everything was written.
 
-    ``progress(step, total, metrics)`` is called after each level is reconstructed and written.
+    ``progress(step, total, metrics)`` is called after each level is reconstructed and
+    written; ``notice(message)`` with things the user should know (padding).
     """
     from mimcore.data.preprocess import Preprocessing
     from mimcore.data.volume_io import load_volume, save_volume
@@ -323,10 +328,14 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
     model.eval().to(dev)
     cfg = model.model_cfg
     prep = Preprocessing(**meta.get("preprocessing", {}))
-    out = Path(output_dir) if output_dir is not None else default_output_dir(image)
+    out = (Path(output_dir).expanduser() if output_dir is not None else default_output_dir(image)).resolve()
 
     volume = load_volume(image)
     crop = extract_crop(volume, cfg.crop_size, prep, center_ras)
+    if crop.padded_fraction > 0 and notice is not None:
+        notice(f"the {cfg.crop_size}^3 crop around {_fmt(crop.center_ras)} extends beyond the volume: "
+               f"{100 * crop.padded_fraction:.1f}% of it is padding (value {prep.hu_min:g} HU, air). "
+               "Move --center inside to avoid it.")
     gen = torch.Generator().manual_seed(int(seed))
     levels = build_levels(crop.tensor[None].to(dev), cfg, model.cfg, generator=gen)
     affines = level_affines(crop.affine, levels.octants[0].cpu().numpy(), levels.blocks.cpu().numpy(),

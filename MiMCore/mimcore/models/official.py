@@ -171,10 +171,13 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # keep torch's line naming the offending global, drop its advice to disable weights_only
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
         raise MimError(
-            f"refused: not a plain tensor checkpoint ({path}). Its pickle asks for code or objects "
-            f"beyond tensors, so it was not loaded. Detail: {first}"
+            f"refused: not a plain tensor checkpoint ({path}). Its pickle asks to build objects or run "
+            f"code beyond tensors and plain containers, so it was not loaded; only use checkpoints from "
+            f"a trusted source, saved as {{'model': state_dict}}. Detail: {detail or type(exc).__name__}"
         ) from None
     except Exception as exc:  # corrupt zip, truncated file, not a torch file at all
         raise MimError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from None

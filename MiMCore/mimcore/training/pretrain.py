@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from mimcore.data.preprocess import Preprocessing
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.models.presets import MiMConfig, ModelConfig, get_preset
 from mimcore.training import distributed
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from mimcore.training.optim import make_optimizer, scaled_lr
@@ -139,7 +139,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     start = 0
     if resume_from is not None:
         meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True)
-        if meta["model"] != model_cfg.to_dict():
+        if ModelConfig.from_dict(meta["model"]) != model_cfg:
             raise MimError(f"{resume_from} was made with another model size; resume with --preset {meta['preset']}")
         model.load_state_dict(weights)
         if optim_state is None:

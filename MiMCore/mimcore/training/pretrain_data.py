@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from mimcore.data.datalist import datalist_entries, read_datalist, volumes_from_folder
 from mimcore.data.preprocess import Preprocessing, deterministic_transforms, random_crop
-from mimcore.errors import MimError
+from mimcore.errors import MimError, user_error_in
 
 
 def find_volumes(datalist: str | None, data_dir: str | None, section: str | None = None) -> list[dict]:
@@ -41,8 +41,14 @@ class RandomCrops(Dataset):
     ``index`` at a position drawn from ``seed``."""
 
     def __init__(self, volumes: list[dict], crop_size: int, prep: Preprocessing, cache_workers: int = 0):
-        self.cache = CacheDataset(volumes, transform=deterministic_transforms(crop_size, prep),
-                                  cache_rate=1.0, num_workers=cache_workers or None, progress=False)
+        try:
+            self.cache = CacheDataset(volumes, transform=deterministic_transforms(crop_size, prep),
+                                      cache_rate=1.0, num_workers=cache_workers or None, progress=False)
+        except Exception as err:  # MONAI wraps our clear messages into RuntimeErrors
+            user = user_error_in(err)
+            if user is None:
+                raise
+            raise MimError(str(user)) from None
         self.crop = random_crop(crop_size)
 
     def __len__(self) -> int:

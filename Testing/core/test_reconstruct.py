@@ -1,0 +1,274 @@
+"""``mim reconstruct``: every written level volume sits at its true position in the patient.
+
+A synthetic CT with an oblique, non-RAS (sagittal-like, LPS-ish) direction and anisotropic
+spacing holds HU = a linear function of the RAS position. Trilinear interpolation
+reproduces a linear function exactly, so every voxel of every written ``original``
+file must equal that function at the voxel's world position (from the file's own
+affine): this proves the placement end to end. The affines are also compared with
+ones computed here independently from the source affine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mimcore.cli.main import main
+from mimcore.data.preprocess import Preprocessing
+from mimcore.data.volume_io import load_volume, save_volume
+from mimcore.methods.mim import MiMPretrainModel
+from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.training.checkpoint import save_checkpoint
+
+CFG = get_preset("tiny")  # input 32^3, crop 64^3, grid 2, level-3 blocks upsampled x2
+SHAPE = (70, 66, 72)
+SPACING = np.array([0.9, 1.3, 0.7])
+GRAD = np.array([4.0, -3.0, 5.0])  # HU per mm along RAS x, y, z
+CENTER_INDEX = np.array([35.2, 33.4, 36.7])  # source continuous index of --center (no padding, no rounding tie)
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def _source_affine() -> np.ndarray:
+    # i -> posterior (-y), j -> inferior (-z), k -> right (-x): a sagittal-like LPS-ish layout, then tilted
+    perm = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    direction = _rotation(2, 12.0) @ _rotation(0, 7.0) @ perm
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(SPACING)
+    affine[:3, 3] = [31.7, -12.4, 48.9]
+    return affine
+
+
+SRC_AFFINE = _source_affine()
+WORLD_CENTER = (SRC_AFFINE @ np.append((np.array(SHAPE) - 1) / 2, 1.0))[:3]
+
+
+def hu_at(world: np.ndarray) -> np.ndarray:
+    """The synthetic CT's intensity at RAS positions (..., 3)."""
+    return 100.0 + (world - WORLD_CENTER) @ GRAD
+
+
+def world_of_voxels(affine: np.ndarray, shape, clamp_factor: float | None = None) -> np.ndarray:
+    """RAS positions (X, Y, Z, 3) of a grid's voxel centres.
+
+    With ``clamp_factor`` f (a block upsampled by f, ``align_corners=False``): voxel j
+    samples block index u = (j + 0.5) / f - 0.5, which the interpolation clamps to
+    [0, n / f - 1]; return the positions of the clamped samples instead.
+    """
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float64)
+    if clamp_factor is not None:
+        f = clamp_factor
+        u = np.clip((idx + 0.5) / f - 0.5, 0, np.array(shape) / f - 1)
+        idx = (u + 0.5) * f - 0.5
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reconstruct")
+    torch.manual_seed(0)
+    model = MiMPretrainModel(CFG)
+    meta = {"model": CFG.to_dict(), "mim": MiMConfig().to_dict(), "preprocessing": Preprocessing().to_dict(),
+            "preset": "tiny"}
+    ckpt = save_checkpoint(root / "run", 3, model, meta)
+    ct = world_of_voxels(SRC_AFFINE, SHAPE)
+    values = hu_at(ct).astype(np.float32)
+    assert -990 < values.min() and values.max() < 990  # inside the [-1000, 1000] window: no clipping
+    image = save_volume(root / "ct.nrrd", values, SRC_AFFINE)
+    center = (SRC_AFFINE @ np.append(CENTER_INDEX, 1.0))[:3]
+    return {"root": root, "ckpt": ckpt, "image": image, "center": center}
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    out = setup["root"] / "out"
+    rc = main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]),
+               "--center", *[f"{v:.6f}" for v in setup["center"]], "--output", str(out), "--seed", "3"])
+    assert rc == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def expected_crop_affine(center: np.ndarray, crop: int) -> np.ndarray:
+    """Source affine -> RAS-oriented grid (flip/permute only) -> crop of ``crop``^3 nearest ``center``."""
+    a = SRC_AFFINE
+    t = np.zeros((4, 4))
+    t[3, 3] = 1.0
+    for r in range(3):  # oriented axis r (R, A, S) runs along the source axis closest to it
+        src = int(np.argmax(np.abs(a[r, :3])))
+        if a[r, src] > 0:
+            t[src, r] = 1.0
+        else:
+            t[src, r], t[src, 3] = -1.0, SHAPE[src] - 1
+    oriented = a @ t
+    c = (np.linalg.inv(oriented) @ np.append(center, 1.0))[:3]
+    start = np.floor(c - (crop - 1) / 2 + 0.5)
+    assert np.all(np.abs(c - (crop - 1) / 2 - start) < 0.45)  # no rounding tie
+    shifted = np.eye(4)
+    shifted[:3, 3] = start
+    return oriented @ shifted
+
+
+def expected_level_affine(crop_affine, level: int, entry: dict) -> np.ndarray:
+    s, g, p = CFG.input_size, CFG.grid, CFG.patch_size
+    if level == 1:
+        m = np.diag([2.0, 2.0, 2.0, 1.0])
+        m[:3, 3] = 0.5  # level-1 voxel i is centred at crop continuous index 2 i + 0.5
+        return crop_affine @ m
+    o = entry["octant"]
+    offset = np.array([o // 4, (o // 2) % 2, o % 2]) * s
+    if level == 3:
+        t = entry["token"]
+        offset = offset + np.array([t // (g * g), (t // g) % g, t % g]) * p
+    m = np.eye(4)
+    m[:3, 3] = offset
+    if level == 2:
+        return crop_affine @ m
+    f = s / p
+    up = np.diag([1 / f, 1 / f, 1 / f, 1.0])
+    up[:3, 3] = 0.5 / f - 0.5
+    return crop_affine @ m @ up
+
+
+def test_layout_and_summary(result):
+    out, summary = result
+    counts = {1: 1, 2: 4, 3: 16}
+    for level, n in counts.items():
+        names = sorted(p.name for p in (out / f"level{level}").iterdir())
+        assert names == sorted(f"vol{v:02d}_{r}.nii.gz" for v in range(n)
+                               for r in ("hidden", "reconstruction", "original"))
+    assert [lv["level"] for lv in summary["levels"]] == [1, 2, 3]
+    assert all(np.isfinite(lv["loss"]) and lv["loss"] > 0 for lv in summary["levels"])
+    assert len(summary["files"]) == 3 * 21 and all((out / f).is_file() for f in summary["files"])
+    assert summary["crop"]["padded_fraction"] == 0.0
+    lo, hi = (np.array(summary["crop"]["ras_bounds"][k]) for k in ("min", "max"))
+    assert np.all(hi - lo > 40)
+
+
+def test_every_original_is_placed_in_the_patient(setup, result):
+    out, summary = result
+    crop_affine = expected_crop_affine(setup["center"], CFG.crop_size)
+    np.testing.assert_allclose(np.array(summary["crop"]["affine"]), crop_affine, atol=1e-6)
+    # the crop's centre is within one voxel of the requested one
+    assert np.linalg.norm(np.array(summary["crop"]["center_ras"]) - setup["center"]) < np.linalg.norm(SPACING)
+    checked = 0
+    for lv in summary["levels"]:
+        level = lv["level"]
+        for entry in lv["volumes"]:
+            vol = load_volume(out / entry["files"]["original"])
+            assert vol.shape == (CFG.input_size,) * 3
+            expected = expected_level_affine(crop_affine, level, entry)
+            np.testing.assert_allclose(vol.affine, expected, atol=1e-4, err_msg=f"level {level} vol {entry['index']}")
+            # every voxel holds the source's intensity at its world position (the file's own affine)
+            want = hu_at(world_of_voxels(vol.affine, vol.shape))
+            if level == 3:  # trilinear upsampling (align_corners=False) clamps at the 16^3 block's border
+                want = hu_at(world_of_voxels(vol.affine, vol.shape, clamp_factor=CFG.input_size / CFG.patch_size))
+            np.testing.assert_allclose(vol.array, want, atol=1e-2, err_msg=f"level {level} vol {entry['index']}")
+            checked += 1
+    assert checked == 21
+
+
+def test_hidden_and_reconstruction_files(result):
+    out, summary = result
+    half = CFG.input_size // 2
+    p, g = CFG.patch_size, CFG.grid
+    lv1, lv2, lv3 = summary["levels"]
+    octants = [e["octant"] for e in lv2["volumes"]]
+    assert sorted(octants) == lv1["hidden_level1_octants"] and len(set(octants)) == 4
+
+    def arrays(entry):
+        return {r: load_volume(out / entry["files"][r]).array for r in ("original", "hidden", "reconstruction")}
+
+    a = arrays(lv1["volumes"][0])
+    for o in range(8):
+        sl = tuple(slice(k * half, (k + 1) * half) for k in (o // 4, (o // 2) % 2, o % 2))
+        np.testing.assert_allclose(a["hidden"][sl], a["original"].min() if o in octants else a["original"][sl],
+                                   atol=1e-3)
+        if o not in octants:  # visible tokens show the original
+            np.testing.assert_array_equal(a["reconstruction"][sl], a["original"][sl])
+        else:  # hidden ones the de-normalised prediction: finite and not the original
+            assert np.all(np.isfinite(a["reconstruction"][sl]))
+            assert not np.allclose(a["reconstruction"][sl], a["original"][sl])
+    # level-3 volumes are cut from hidden level-2 tokens
+    for e3 in lv3["volumes"]:
+        e2 = lv2["volumes"][e3["parent"]]
+        assert e3["octant"] == e2["octant"]
+        b = arrays(e2)
+        t = e3["token"]
+        sl = tuple(slice(k * p, (k + 1) * p) for k in (t // (g * g), (t // g) % g, t % g))
+        np.testing.assert_allclose(b["hidden"][sl], b["original"].min(), atol=1e-3)
+
+
+def test_png_sheet(result):
+    import matplotlib.image
+
+    out, summary = result
+    img = matplotlib.image.imread(out / summary["sheet"])
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].std()) > 0.05
+
+
+def test_center_outside_the_volume(setup, capsys):
+    rc = main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]),
+               "--center", "500", "-400", "900", "--output", str(setup["root"] / "never")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "outside the volume" in err and "bounding box" in err and "Traceback" not in err
+    assert not (setup["root"] / "never").exists()
+
+
+def test_missing_checkpoint(setup, capsys):
+    rc = main(["reconstruct", "--checkpoint", str(setup["root"] / "nope.json"), "--image", str(setup["image"])])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_padding_near_the_edge(setup, capsys):
+    corner = (SRC_AFFINE @ np.array([2.0, 3.0, 1.0, 1.0]))[:3]
+    out = setup["root"] / "padded"
+    rc = main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]),
+               "--center", *map(str, corner), "--output", str(out)])
+    assert rc == 0
+    assert "padding" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.5 < summary["crop"]["padded_fraction"] < 1.0
+    crop_affine = np.array(summary["crop"]["affine"])
+    vol = load_volume(out / summary["levels"][0]["volumes"][0]["files"]["original"])
+    np.testing.assert_allclose(vol.affine, expected_level_affine(crop_affine, 1, {}), atol=1e-4)
+    # voxels (of level 1, made of 2^3 crop voxels) well inside the source match it; padding is air
+    src_idx = world_of_voxels(np.linalg.inv(SRC_AFFINE) @ vol.affine, vol.shape)
+    inside = np.all((src_idx > 1) & (src_idx < np.array(SHAPE) - 2), axis=-1)
+    outside = np.any((src_idx < -2) | (src_idx > np.array(SHAPE) + 1), axis=-1)
+    assert inside.any() and outside.any()
+    want = hu_at(world_of_voxels(vol.affine, vol.shape))
+    np.testing.assert_allclose(vol.array[inside], want[inside], atol=1e-2)
+    np.testing.assert_allclose(vol.array[outside], -1000.0, atol=1e-3)
+
+
+def test_real_entry_point_json_progress(setup, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimcore", "reconstruct", "--checkpoint", str(setup["ckpt"].parent),
+         "--image", str(setup["image"]), "--output", str(out), "--progress", "json", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3]
+    assert all(e["stage"] == "reconstruct" and e["total"] == 3 and e["eta_s"] is None for e in progress)
+    assert events[-1]["event"] == "done"
+    outputs = events[-1]["outputs"]
+    assert Path(outputs["sheet"]).is_file() and Path(outputs["summary"]).is_file()
+    assert all(Path(d).is_dir() for d in outputs["levels"].values())
+    # default centre = the volume's centre, no padding for this volume
+    assert outputs["padded_fraction"] == 0.0

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
 from mimcore.models.layers import ConvBlock, PatchEmbed, StridedConv3d, TransformerBlock, space_to_depth
+from mimcore.models.posembed import sincos_3d
 from mimcore.models.presets import ModelConfig
 
 
@@ -67,8 +67,7 @@ class ConvViT3D(nn.Module):
         )
         self.token_proj = nn.Linear(c4, c4)
         # fixed 3D sin-cos position embedding (1, L, C4); a buffer so checkpoints carry it
-        pos = build_sincos_position_embedding(cfg.grid, c4, spatial_dims=3).data
-        self.register_buffer("pos_embed", pos.reshape(1, cfg.grid**3, c4).clone())
+        self.register_buffer("pos_embed", sincos_3d(cfg.grid, c4))
         rates = torch.linspace(0, drop_path, cfg.vit_depth).tolist()
         self.blocks = nn.ModuleList(TransformerBlock(c4, cfg.vit_heads, cfg.mlp_ratio, r) for r in rates)
         # skip paths: stage 1-3 outputs to the token grid, kernel = stride = 8, 4, 2

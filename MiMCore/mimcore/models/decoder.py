@@ -7,11 +7,11 @@ position embedding; transformer blocks; LayerNorm; Linear Cd -> 16^3 voxels per 
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
 from mimcore.models.convvit import gather_tokens
 from mimcore.models.layers import TransformerBlock
+from mimcore.models.posembed import sincos_3d
 from mimcore.models.presets import ModelConfig
 
 
@@ -28,8 +28,7 @@ class MaskedDecoder(nn.Module):
         dim = cfg.decoder_dim
         self.embed = nn.Linear(cfg.dims[3], dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        pos = build_sincos_position_embedding(cfg.grid, dim, spatial_dims=3).data
-        self.register_buffer("pos_embed", pos.reshape(1, cfg.grid**3, dim).clone())
+        self.register_buffer("pos_embed", sincos_3d(cfg.grid, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, cfg.patch_size**3)

@@ -182,6 +182,11 @@ def _build(config: str, device: str, seed: int):
 
         desc = f"4 vols {s}^3, 60% masked"
     elif config == "mae":
+        import importlib.util
+
+        if importlib.util.find_spec("einops") is None:
+            raise RuntimeError("MONAI's MaskedAutoEncoderViT needs einops (pip install einops), "
+                               "or leave MAE out with --skip mae")
         from monai.networks.nets import MaskedAutoEncoderViT
 
         model = MaskedAutoEncoderViT(
@@ -253,6 +258,7 @@ def run_child(config: str, device: str, repeats: int, threads: int | None, seed:
         "median_s": statistics.median(times), "gflop_per_step": flops / 1e9,
         "child_matmul": mm, "rss_before_model_mib": rss_base,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_end": os.getloadavg(),
     }
     if device.startswith("cuda"):
         out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -320,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args._child:
-        res = run_child(args._child, args.device, args.repeats, args.threads, args.seed, args.matmul_size)
+        try:
+            res = run_child(args._child, args.device, args.repeats, args.threads, args.seed, args.matmul_size)
+        except Exception as e:  # noqa: BLE001 -- reported in the parent's table
+            import traceback
+
+            traceback.print_exc()
+            print(RESULT_TAG + json.dumps({"config": args._child, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            return 1
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 

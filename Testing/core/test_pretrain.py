@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +42,6 @@ def test_resume_is_exact(tmp_path, ct_folder):
     wa = load_file(tmp_path / "a" / "checkpoint_00000004.safetensors")
     wb = load_file(tmp_path / "b" / "checkpoint_00000004.safetensors")
     assert wa.keys() == wb.keys()
-    changed = 0
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
     w0 = load_file(tmp_path / "b" / "checkpoint_00000002.safetensors")
@@ -131,3 +129,19 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path, ct_folder):
     assert done[0]["weights_sha256"] == done[1]["weights_sha256"]
     meta = json.loads((tmp_path / "checkpoint_00000003.json").read_text())
     assert meta["world_size"] == 2 and meta["effective_batch"] == 2
+
+
+def test_recipe_config_sets_defaults_and_accumulation(tmp_path, ct_folder):
+    """--config fills options left at their defaults; the command line wins; accum from effective_batch."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"effective_batch": 2, "args": {"preset": "tiny", "base-lr": 5e-4,
+                                                                 "weight-decay": 0.01, "steps": 50}}))
+    assert main(["pretrain", "--config", str(recipe), "--data-dir", str(ct_folder), "--output", str(tmp_path / "r"),
+                 "--steps", "1", "--warmup-steps", "0", "--progress", "none", "--no-tensorboard"]) == 0
+    meta = json.loads((tmp_path / "r" / "checkpoint_00000001.json").read_text())
+    assert meta["args"]["accum"] == 2 and meta["effective_batch"] == 2
+    assert meta["args"]["steps"] == 1 and meta["args"]["weight_decay"] == 0.01 and meta["preset"] == "tiny"
+    assert meta["lr"] == pytest.approx(5e-4 * 2 / 256)
+    recipe.write_text(json.dumps({"args": {"no-such-option": 1}}))
+    assert main(["pretrain", "--config", str(recipe), "--data-dir", str(ct_folder), "--output", str(tmp_path / "s"),
+                 "--steps", "1"]) == 2

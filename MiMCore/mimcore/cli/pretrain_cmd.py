@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
+
+from mimcore.errors import MimError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,6 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--hu-window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("MIN", "MAX"),
                      help="HU window scaled to [0, 1] (default -1000 1000, as published).")
     run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="JSON",
+                     help="Recipe file (e.g. Training/configs/mim_base_paper.json): its \"args\" replace the "
+                          "defaults of the options below (options given on the command line win); its "
+                          "\"effective_batch\" sets --accum = effective_batch / (batch x processes).")
     run.add_argument("--output", "-o", required=True, metavar="DIR", help="Run folder (checkpoints, logs).")
     run.add_argument("--preset", default="base", choices=("base", "small", "tiny"), help="Model size (default base).")
     run.add_argument("--steps", type=int, help="Optimizer steps in the whole run.")
@@ -49,12 +57,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="bar (default), json (one event per line on stdout, for GUIs) or none.")
     run.add_argument("--mim", type=json.loads, default={}, metavar="JSON",
                      help='MiM settings, e.g. \'{"level2_mask_ratio": 0.6, "loss_weights": {...}}\'.')
-    p.set_defaults(func=handler)
+    p.set_defaults(func=lambda args: handler(args, p))
     return p
 
 
-def handler(args: argparse.Namespace) -> int:
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill options still at their default from a recipe JSON ``{"args": {...}, "effective_batch": N}``."""
+    path = Path(args.config)
+    try:
+        cfg = json.loads(path.read_text())
+        recipe = dict(cfg["args"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MimError(f"cannot use recipe {path}: {e}; it must be JSON with an \"args\" object") from None
+    for key, value in recipe.items():
+        dest = key.replace("-", "_")
+        if not hasattr(args, dest):
+            raise MimError(f"recipe {path} sets unknown option {key!r}")
+        if getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, value)
+    eff = cfg.get("effective_batch")
+    if eff and args.accum == parser.get_default("accum"):
+        per_step = args.batch * int(os.environ.get("WORLD_SIZE", "1"))
+        if eff % per_step:
+            raise MimError(f"effective_batch {eff} of {path} is not a multiple of batch x processes = {per_step}")
+        args.accum = eff // per_step
+
+
+def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from mimcore.training.pretrain import PretrainArgs, run_pretrain
+
+    if args.config:
+        apply_config(args, parser)
 
     summary = run_pretrain(PretrainArgs(
         output=args.output, datalist=args.datalist, data_dir=args.data_dir, section=args.section,

@@ -113,7 +113,7 @@ class ConvViT3D(nn.Module):
     def _visible_stages(self, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 1-4 embedding on visible tokens only: -> (tokens (B, K, C4) with pos, skip sum (B, K, C4))."""
         b, k = ids_keep.shape
-        g, p = self.cfg.grid, self.cfg.patch_size
+        g = self.cfg.grid
         rows = (ids_keep + torch.arange(b, device=x.device)[:, None] * g**3).reshape(-1)  # (B*K,)
         h = to_token_layout(x.permute(0, 2, 3, 4, 1), g).index_select(0, rows)  # (B*K, p, p, p, 1)
 

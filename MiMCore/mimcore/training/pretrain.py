@@ -77,6 +77,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None for fp32; bf16 where the GPU supports it, else fp16, for ``auto`` on CUDA."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
+    if device.type != "cuda":
+        raise MimError(f"--precision {precision} is for CUDA GPUs; on the CPU train in fp32 (--precision fp32 or auto)")
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimcore.models.depthwise import depthwise_on_tokens, grid_to_tokens
 from mimcore.models.layers import ConvBlock, PatchEmbed, StridedConv3d, TransformerBlock, space_to_depth
 from mimcore.models.posembed import sincos_3d
 from mimcore.models.presets import ModelConfig
@@ -115,12 +116,10 @@ class ConvViT3D(nn.Module):
         b, k = ids_keep.shape
         g = self.cfg.grid
         rows = (ids_keep + torch.arange(b, device=x.device)[:, None] * g**3).reshape(-1)  # (B*K,)
-        h = to_token_layout(x.permute(0, 2, 3, 4, 1), g).index_select(0, rows)  # (B*K, p, p, p, 1)
+        h = grid_to_tokens(x.permute(0, 2, 3, 4, 1), rows, g)  # (B*K, 16, 16, 16, 1)
 
-        def spatial(dw, y):  # y (B*K, t, t, t, C) -> depthwise conv on the zero-filled full grid
-            full = y.new_zeros(b * g**3, *y.shape[1:]).index_copy(0, rows, y)
-            out = dw(from_token_layout(full, b, g).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-            return to_token_layout(out, g).index_select(0, rows)
+        def spatial(dw, y):  # y (B*K, t, t, t, C): depthwise conv of the zero-filled full grid
+            return depthwise_on_tokens(dw, y, rows, b, g)
 
         skip = 0
         for i in range(3):
@@ -132,17 +131,3 @@ class ConvViT3D(nn.Module):
         tokens = self.token_proj(self.embeds[3](h).reshape(b, k, -1))
         return tokens + gather_tokens(self.pos_embed.expand(b, -1, -1), ids_keep), skip
 
-
-def to_token_layout(h: torch.Tensor, g: int) -> torch.Tensor:
-    """(B, g*t, g*t, g*t, C) -> (B*g^3, t, t, t, C): one row per token, raster token order."""
-    b, d, _, _, c = h.shape
-    t = d // g
-    h = h.reshape(b, g, t, g, t, g, t, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return h.reshape(b * g**3, t, t, t, c)
-
-
-def from_token_layout(h: torch.Tensor, b: int, g: int) -> torch.Tensor:
-    """(B*g^3, t, t, t, C) -> (B, g*t, g*t, g*t, C), the inverse of :func:`to_token_layout`."""
-    t, c = h.shape[1], h.shape[-1]
-    h = h.reshape(b, g, g, g, t, t, t, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
-    return h.reshape(b, g * t, g * t, g * t, c)

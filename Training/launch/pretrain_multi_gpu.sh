@@ -9,7 +9,7 @@
 #   OUTPUT    run folder (required; written by rank 0)
 #   CONFIG    hyper-parameters (default: Training/configs/mim_base_paper.json)
 #   DEVICE    cuda (default) or cpu (gloo backend; for trying the set-up without GPUs)
-#   PYTHON    interpreter with mimcore installed, for reading the config (default python)
+#   PYTHON    interpreter with mimcore installed (default python)
 #   TORCHRUN  launcher command (default torchrun; e.g. "python -m torch.distributed.run" works too)
 # Restrict the GPUs with CUDA_VISIBLE_DEVICES. --accum is set so that
 # batch x accum x NPROC = the config's effective_batch (same learning rate as on one GPU).
@@ -22,32 +22,11 @@ DEVICE="${DEVICE:-cuda}"
 NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
 : "${DATALIST:?set DATALIST to a datalist JSON}"
 : "${OUTPUT:?set OUTPUT to a run folder}"
-WORLD="$NPROC"
 
-CFG_TEXT="$("$PYTHON" -c '
-import json, sys
-cfg = json.load(open(sys.argv[1])); world = int(sys.argv[2])
-a = dict(cfg["args"])
-eff = cfg.get("effective_batch")
-if eff:
-    per = int(a.get("batch", 1)) * world
-    if eff % per:
-        sys.exit(f"effective_batch {eff} is not a multiple of batch x processes = {per}")
-    a["accum"] = eff // per
-for k, v in a.items():
-    if v is None or v is False:
-        continue
-    print("--" + k)
-    if v is True:
-        continue
-    for x in (v if isinstance(v, list) else [v]):
-        print(json.dumps(x) if isinstance(x, dict) else x)
-' "$CONFIG" "$WORLD")"
-mapfile -t CFG_ARGS <<< "$CFG_TEXT"
 
 # one data-loader share of the CPU per process; raise if the machine has many cores
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 set -x
 exec $TORCHRUN --standalone --nproc_per_node "$NPROC" \
     -m mimcore pretrain --datalist "$DATALIST" --output "$OUTPUT" --device "$DEVICE" \
-    "${CFG_ARGS[@]}" "$@"
+    --config "$CONFIG" "$@"

@@ -16,7 +16,7 @@
 #   OUTPUT         run folder (required); on shared storage, so that --resume works from any node
 #   CONFIG         hyper-parameters (default: Training/configs/mim_base_paper.json)
 #   DEVICE         cuda (default) or cpu (gloo backend)
-#   PYTHON         interpreter with mimcore installed, for reading the config (default python)
+#   PYTHON         interpreter with mimcore installed (default python)
 #   TORCHRUN       launcher command (default torchrun; "python -m torch.distributed.run" works too)
 # NCCL picks the network itself; set NCCL_SOCKET_IFNAME (e.g. eth0) if it chooses the wrong one.
 # --accum is set so that batch x accum x NNODES x NPROC = the config's effective_batch.
@@ -33,32 +33,11 @@ RDZV_ID="${RDZV_ID:-mim_pretrain}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to HOST:PORT of the rendezvous (node 0)}"
 : "${DATALIST:?set DATALIST to a datalist JSON}"
 : "${OUTPUT:?set OUTPUT to a run folder}"
-WORLD=$((NNODES * NPROC))
 
-CFG_TEXT="$("$PYTHON" -c '
-import json, sys
-cfg = json.load(open(sys.argv[1])); world = int(sys.argv[2])
-a = dict(cfg["args"])
-eff = cfg.get("effective_batch")
-if eff:
-    per = int(a.get("batch", 1)) * world
-    if eff % per:
-        sys.exit(f"effective_batch {eff} is not a multiple of batch x processes = {per}")
-    a["accum"] = eff // per
-for k, v in a.items():
-    if v is None or v is False:
-        continue
-    print("--" + k)
-    if v is True:
-        continue
-    for x in (v if isinstance(v, list) else [v]):
-        print(json.dumps(x) if isinstance(x, dict) else x)
-' "$CONFIG" "$WORLD")"
-mapfile -t CFG_ARGS <<< "$CFG_TEXT"
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 set -x
 exec $TORCHRUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
     -m mimcore pretrain --datalist "$DATALIST" --output "$OUTPUT" --device "$DEVICE" \
-    "${CFG_ARGS[@]}" "$@"
+    --config "$CONFIG" "$@"

@@ -18,30 +18,8 @@ PYTHON="${PYTHON:-python}"
 DEVICE="${DEVICE:-cuda}"
 : "${DATALIST:?set DATALIST to a datalist JSON}"
 : "${OUTPUT:?set OUTPUT to a run folder}"
-WORLD=1
 
-# config JSON -> one `mim pretrain` argument per line (--accum from effective_batch / (batch x WORLD))
-CFG_TEXT="$("$PYTHON" -c '
-import json, sys
-cfg = json.load(open(sys.argv[1])); world = int(sys.argv[2])
-a = dict(cfg["args"])
-eff = cfg.get("effective_batch")
-if eff:
-    per = int(a.get("batch", 1)) * world
-    if eff % per:
-        sys.exit(f"effective_batch {eff} is not a multiple of batch x processes = {per}")
-    a["accum"] = eff // per
-for k, v in a.items():
-    if v is None or v is False:
-        continue
-    print("--" + k)
-    if v is True:
-        continue
-    for x in (v if isinstance(v, list) else [v]):
-        print(json.dumps(x) if isinstance(x, dict) else x)
-' "$CONFIG" "$WORLD")"
-mapfile -t CFG_ARGS <<< "$CFG_TEXT"
 
 set -x
 exec "$PYTHON" -m mimcore pretrain --datalist "$DATALIST" --output "$OUTPUT" --device "$DEVICE" \
-    "${CFG_ARGS[@]}" "$@"
+    --config "$CONFIG" "$@"

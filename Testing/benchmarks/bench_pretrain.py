@@ -228,6 +228,10 @@ def run_child(config: str, device: str, repeats: int, threads: int | None, seed:
 
     if threads:
         torch.set_num_threads(threads)
+    # what `mim pretrain` does on the CPU (mimcore.training.cpu_memory); MIM_KEEP_FREED_MEMORY=0 turns it off
+    from mimcore.training.cpu_memory import keep_freed_memory
+
+    malloc_kept = keep_freed_memory() if device == "cpu" else False
     _register_cpu_sdpa_flops()
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -257,6 +261,7 @@ def run_child(config: str, device: str, repeats: int, threads: int | None, seed:
 
     out = {
         "config": config, "input": desc, "device": device, "threads": torch.get_num_threads(),
+        "keep_freed_memory": malloc_kept,
         "params_m": n_params / 1e6, "warmup_s": warmup_s, "step_times_s": times,
         "median_s": statistics.median(times), "gflop_per_step": flops / 1e9,
         "child_matmul": mm, "rss_before_model_mib": rss_base,

@@ -26,7 +26,7 @@ def mim(*args: str, capture: bool = False) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--output", default="demo_output", help="Folder for everything the demo writes.")
-    ap.add_argument("--steps", type=int, default=30, help="Pre-training steps (the fixed budget).")
+    ap.add_argument("--steps", type=int, default=80, help="Pre-training steps (the fixed budget).")
     ap.add_argument("--preset", default="small")
     args = ap.parse_args()
     out = Path(args.output).resolve()

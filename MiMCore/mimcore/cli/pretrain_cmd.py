@@ -99,6 +99,6 @@ def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hu_window=tuple(args.hu_window), mim=args.mim,
     ))
     if args.progress != "json" and "checkpoint" in summary:
-        print(f"checkpoint: {summary['checkpoint']}")
-        print(f"loss curve: {summary['loss_curve']}")
+        print(f"final checkpoint: {summary['checkpoint']}")
+        print(f"loss curve:       {summary['loss_curve']}")
     return 0

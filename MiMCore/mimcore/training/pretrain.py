@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.optimizers import WarmupCosineSchedule
 from torch.nn.parallel import DistributedDataParallel
@@ -276,7 +277,10 @@ def plot_loss_curve(metrics_path: Path, png: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in rows]
     for key in ("loss", "l1", "l2", "l3"):
-        ax1.plot(steps, [r[key] for r in rows], label=key, lw=2 if key == "loss" else 1)
+        ax1.plot(steps, [r[key] for r in rows], label=key, lw=1, alpha=0.45 if key == "loss" else 0.6)
+    window = max(1, len(rows) // 10)  # crops differ a lot (padding, air): show a running mean too
+    running = np.convolve([r["loss"] for r in rows], np.ones(window) / window, mode="valid")
+    ax1.plot(steps[window - 1:], running, color="k", lw=2, label=f"loss, mean of {window}")
     for key in ("a12", "a23"):
         ax2.plot(steps, [r[key] for r in rows], label=key)
     ax1.set(title="reconstruction (norm-pix MSE) and total", xlabel="step")

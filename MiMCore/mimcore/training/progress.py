@@ -48,7 +48,7 @@ class Progress:
                        eta_s=None if eta is None else round(eta, 1), metrics=metrics)
         elif self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "lr")}, refresh=False)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

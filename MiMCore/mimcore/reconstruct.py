@@ -399,7 +399,7 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
         "sheet": "levels.png",
         "files": [os.path.relpath(p, out) for p in files],
     }
-    from mimcore.training.checkpoint import atomic_write_text
+    from mimcore.files import atomic_write_text
 
     summary_path = out / "summary.json"
     atomic_write_text(summary_path, json.dumps(summary, indent=1))

@@ -412,3 +412,15 @@ def test_visible_token_path_gradients_equal_dense_masked_path(preset, chunk, mon
     for name in g_v:
         torch.testing.assert_close(g_v[name], g_d[name], rtol=1e-9, atol=1e-10, msg=name)
     assert float(g_v["conv_stages.0.0.dw.weight"].abs().sum()) > 0
+
+
+def test_masked_l1_matches_hand_computation():
+    """masked_l1 (MAE/SimMIM's loss): mean |pred - target| per hidden token, averaged over hidden tokens."""
+    from mimcore.methods.losses import masked_l1
+
+    rng = np.random.default_rng(3)
+    pred, target = rng.standard_normal((2, 5, 7)), rng.standard_normal((2, 5, 7))
+    hidden = np.array([[1, 0, 1, 0, 0], [0, 1, 1, 1, 0]], dtype=bool)
+    expected = np.abs(pred - target).mean(-1)[hidden].mean()
+    got = masked_l1(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(hidden))
+    assert float(got) == pytest.approx(expected, rel=1e-6)

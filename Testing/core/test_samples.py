@@ -15,8 +15,9 @@ from monai.transforms import Compose, Orientationd
 
 from mimcore.cli import data_cmd
 from mimcore.data import samples
+from mimcore.files import sha256_file
 from mimcore.data.samples import (FILES, SAMPLE_DIRNAME, datalist_entries, fetch_samples, parse_total_labels,
-                                  resolve_cache_dir, safe_extract, sha256_of, volumes_from_folder)
+                                  resolve_cache_dir, safe_extract, volumes_from_folder)
 from mimcore.data.transforms import LoadVolumed
 from mimcore.data.volume_io import load_volume
 from mimcore.errors import MimError
@@ -46,7 +47,7 @@ def test_fetch_writes_verified_files(fresh):
     root, datalist, _ = fresh
     assert datalist == root / SAMPLE_DIRNAME / "datalist.json"
     for rel, sha in FILES.items():
-        assert sha256_of(root / SAMPLE_DIRNAME / rel) == sha, rel
+        assert sha256_file(root / SAMPLE_DIRNAME / rel) == sha, rel
     assert len(list((root / SAMPLE_DIRNAME / "example_ct_dicom").iterdir())) == 20
     assert [p.name for p in root.iterdir()] == [SAMPLE_DIRNAME]  # no temp leftovers
     labels = json.loads((root / SAMPLE_DIRNAME / "labels_total.json").read_text())

@@ -49,6 +49,7 @@ import SimpleITK as sitk
 from mimcore.data.datalist import datalist_entries, volumes_from_folder  # noqa: F401  (public API)
 from mimcore.data.volume_io import dicom_series_files, load_volume
 from mimcore.errors import MimError
+from mimcore.files import sha256_file
 
 PACKAGE, VERSION = "totalsegmentator", "2.18.0"
 SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
@@ -163,14 +164,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_problems(folder: Path) -> list[str]:
     """What is wrong with a cache folder: missing or modified files ([] when all is well)."""
     problems = [f"{rel} missing" for rel in ("datalist.json", "labels_total.json") if not (folder / rel).is_file()]
@@ -178,7 +171,7 @@ def _cache_problems(folder: Path) -> list[str]:
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel} missing")
-        elif sha256_of(path) != expected:
+        elif sha256_file(path) != expected:
             problems.append(f"{rel} modified")
     return problems
 
@@ -194,7 +187,7 @@ def _remove_stale(root: Path, keep: Path, age_s: float = 3600) -> None:
 def _verified_archive(archive: Path) -> Path:
     if not archive.is_file():
         raise MimError(f"No such archive: {archive}. Pass the path of {SAMPLE_DIRNAME}.tar.gz.")
-    actual = sha256_of(archive)
+    actual = sha256_file(archive)
     if actual != SDIST_SHA256:
         raise MimError(f"{archive} is not the {PACKAGE} {VERSION} source archive: its sha256 is {actual}, "
                        f"expected {SDIST_SHA256}. Download it again:\n    python -m pip download --no-deps "

@@ -14,47 +14,16 @@ Nothing here unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mimcore.errors import MimError
+from mimcore.files import atomic_write, atomic_write_text, sha256_file
 
 FORMAT = "mimcore.pretrain.v1"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename tmp_path to ``path`` (same folder, atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic(Path(path), write)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,12 +58,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, meta: dict
     stem = run_dir / f"checkpoint_{step:08d}"
     weights = stem.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(weights, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     doc = dict(meta, format=FORMAT, step=step, weights=weights.name, weights_sha256=sha256_file(weights))
     if optimizer is not None:
         optim_path = Path(f"{stem}.optim.safetensors")
         tensors, rest = _optimizer_tensors(optimizer)
-        _atomic(optim_path, lambda tmp: save_file(tensors, tmp))
+        atomic_write(optim_path, lambda tmp: save_file(tensors, tmp))
         doc.update(optimizer=optim_path.name, optimizer_sha256=sha256_file(optim_path), optimizer_rest=rest)
     json_path = stem.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(doc, indent=1))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from mimcore.models.depthwise import depthwise_on_tokens, grid_to_tokens
@@ -48,6 +49,10 @@ def upsample_token_mask(visible: torch.Tensor, grid: int, factor: int) -> torch.
     for axis in (1, 2, 3):
         m = m.repeat_interleave(factor, dim=axis)
     return m.unsqueeze(-1)
+
+
+def _checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 class ConvViT3D(nn.Module):
@@ -86,6 +91,29 @@ class ConvViT3D(nn.Module):
             for blk in self.conv_stages[i]:
                 h = blk(h, mask)
             feats.append(h)
+        return feats
+
+    def pyramid(self, x: torch.Tensor, checkpoint_blocks: bool = False) -> list[torch.Tensor]:
+        """Unmasked features for segmentation, all channels-last:
+        x (B, 1, S, S, S) -> [(B, S/2, .., C1), (B, S/4, .., C2), (B, S/8, .., C3), (B, S/16, .., C4)].
+
+        The last one is the token output (transformer + skips + LayerNorm) on its grid.
+        ``checkpoint_blocks`` recomputes each block in the backward pass (saves memory).
+        """
+        b, g = x.shape[0], self.cfg.grid
+        run = _checkpointed if checkpoint_blocks else (lambda blk, *a: blk(*a))
+        h = x.permute(0, 2, 3, 4, 1)
+        feats = []
+        for i in range(3):
+            h = self.embeds[i](h)
+            for blk in self.conv_stages[i]:
+                h = run(blk, h)
+            feats.append(h)
+        tokens = self.token_proj(self.embeds[3](h).reshape(b, g**3, -1)) + self.pos_embed
+        skip = sum(self.skips[i](feats[i]).reshape(b, g**3, -1) for i in range(3))
+        for blk in self.blocks:
+            tokens = run(blk, tokens)
+        feats.append(self.norm(tokens + skip).reshape(b, g, g, g, -1))
         return feats
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:

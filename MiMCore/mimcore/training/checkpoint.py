@@ -48,7 +48,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, meta: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, fmt: str = FORMAT) -> Path:
     """Write the checkpoint of ``step`` into ``run_dir``; returns the JSON path.
 
     ``meta`` must be JSON-serialisable (config, schedule state, metrics ...).
@@ -58,8 +58,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, meta: dict
     stem = run_dir / f"checkpoint_{step:08d}"
     weights = stem.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    doc = dict(meta, format=FORMAT, step=step, weights=weights.name, weights_sha256=sha256_file(weights))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": fmt}))
+    doc = dict(meta, format=fmt, step=step, weights=weights.name, weights_sha256=sha256_file(weights))
     if optimizer is not None:
         optim_path = Path(f"{stem}.optim.safetensors")
         tensors, rest = _optimizer_tensors(optimizer)
@@ -87,15 +87,17 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
-def read_checkpoint(path: Path, with_optimizer: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+def read_checkpoint(path: Path, with_optimizer: bool = False,
+                    fmt: str = FORMAT) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """(meta, model state dict, optimizer state dict or None), after checking the sha256 of each file."""
     json_path = find_checkpoint(path)
     try:
         meta = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MimError(f"cannot read checkpoint description {json_path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise MimError(f"{json_path} is not a mimcore pre-training checkpoint (format {meta.get('format')!r})")
+    if meta.get("format") != fmt:
+        kind = "pre-training" if fmt == FORMAT else "fine-tuning"
+        raise MimError(f"{json_path} is not a mimcore {kind} checkpoint (format {meta.get('format')!r})")
 
     def verified(name_key: str, sha_key: str) -> Path:
         p = json_path.parent / meta[name_key]

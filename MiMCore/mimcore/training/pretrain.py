@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimcore.data.preprocess import Preprocessing
+from mimcore.devices import resolve_device  # noqa: F401 (re-exported)
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
 from mimcore.models.presets import MiMConfig, ModelConfig, get_preset
@@ -31,6 +32,7 @@ from mimcore.training.cpu_memory import keep_freed_memory
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from mimcore.training.optim import make_optimizer, scaled_lr
 from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
+from mimcore.training.logs import log_metrics, tensorboard_writer, truncate_metrics
 from mimcore.training.progress import Progress
 
 
@@ -64,15 +66,6 @@ class PretrainArgs:
     tensorboard: bool = True
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     mim: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MimError("--device cuda was asked for but PyTorch sees no CUDA GPU (CPU-only build or no driver); "
-                       "use --device cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -171,11 +164,11 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
                  "preprocessing": prep.to_dict(), "method": "mim", "args": asdict(args),
                  "lr": lr, "effective_batch": eff_batch, "total_steps": total, "warmup_steps": warmup,
                  "world_size": dist_info.world}
-    writer = _tensorboard(run_dir, args) if dist_info.is_main else None
+    writer = tensorboard_writer(run_dir, args) if dist_info.is_main else None
     metrics_path = run_dir / "metrics.jsonl"
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     report = Progress("pretrain", total, args.progress, start=start, enabled=dist_info.is_main)
     report.event("start", stage="pretrain", message=volumes_summary(volumes), total=total, step=start,
                  device=str(device), lr=lr, effective_batch=eff_batch)
@@ -216,7 +209,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
             step += 1
             metrics = {k: float(f"{v:.6g}") for k, v in sums.items()}
             if dist_info.is_main:
-                _log(metrics_path, writer, step, metrics)
+                log_metrics(metrics_path, writer, step, metrics)
             if step % max(1, args.log_every) == 0 or step == total:
                 report.update(step, metrics)
             if args.save_every and step % args.save_every == 0 and step < total:
@@ -237,33 +230,6 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     if args.progress == "json":  # every rank reports, so DDP runs can be compared
         print(json.dumps({"event": "done", **summary}), flush=True)
     return summary
-
-
-def _tensorboard(run_dir: Path, args: PretrainArgs):
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warnings.warn("tensorboard is not installed; no TensorBoard logs are written")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metric lines up to ``step`` (a resumed run rewrites what follows)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def _log(path: Path, writer, step: int, metrics: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            writer.add_scalar(f"pretrain/{k}", v, step)
 
 
 def plot_loss_curve(metrics_path: Path, png: Path) -> Path:

@@ -1,0 +1,120 @@
+"""``mim segment``: label maps for CT volumes with a model bundle, on each input's own grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mimcore.devices import DEVICE_CHOICES
+from mimcore.errors import MimError
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "segment", help="segment CT volumes with a model bundle",
+        description="Segment a volume (NIfTI/NRRD/MHA file or DICOM series folder) or every volume in a "
+                    "folder. The label map has exactly the input's grid (size, spacing, origin, direction).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="a volume file, a DICOM series folder, or a folder of volumes")
+    p.add_argument("--model", required=True, help="model bundle: folder, .zip, or a name in the model library")
+    p.add_argument("--output", required=True,
+                   help="label map file (.nii.gz, .nrrd, ...) for one input, or a folder (then "
+                        "<case>_seg<--format> inside; required for a folder of inputs)")
+    p.add_argument("--format", default=".nii.gz", choices=LABEL_SUFFIXES, help="label map format in a folder")
+    p.add_argument("--seg-nrrd", action="store_true",
+                   help="also write <name>.seg.nrrd, which 3D Slicer opens with segment names and colours")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
+                   help="auto = bf16/fp16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    p.add_argument("--sw-batch", type=int, help="windows per network call (default: the bundle's)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (x4 slower; default: the bundle's)")
+    p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest connected component of each label (default: the bundle's)")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    p.set_defaults(func=run)
+
+
+def output_paths(inputs: list[Path], output: Path, fmt: str, batch: bool) -> list[Path]:
+    """Where each case's label map goes."""
+    if not batch and output.name.endswith(LABEL_SUFFIXES):
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise MimError(f"--output {output} is a file; for a folder of inputs give a folder")
+    return [output / f"{case_name(p)}_seg{fmt}" for p in inputs]
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run(ns: argparse.Namespace) -> int:
+    from mimcore.bundles.library import get_model
+    from mimcore.data.datalist import volumes_from_folder
+    from mimcore.data.labels import Label
+    from mimcore.data.segfile import save_seg_nrrd
+    from mimcore.data.volume_io import dicom_series_files, load_volume, save_volume
+    from mimcore.inference.segment import Segmenter
+    from mimcore.training.progress import Progress
+
+    source = Path(ns.input).expanduser()
+    if not source.exists():
+        raise MimError(f"{source} does not exist: give a volume file, a DICOM series folder or a folder of volumes")
+    batch = source.is_dir() and not dicom_series_files(source, warn=False)
+    inputs = volumes_from_folder(source) if batch else [source]
+    outputs = output_paths(inputs, Path(ns.output).expanduser(), ns.format, batch)
+    bundle = get_model(ns.model)
+    json_mode = ns.progress == "json"
+
+    def event(name, **fields):
+        if json_mode:
+            print(json.dumps({"event": name, **fields}), flush=True)
+        elif ns.progress == "bar" and name == "warning":
+            print(f"mim segment: {fields.get('message')}", flush=True)
+
+    state = {"done": 0, "report": None}
+
+    def windows(n):
+        state["done"] += n
+        if state["report"] is not None:
+            state["report"].update(state["done"], {})
+
+    seg = Segmenter(bundle, ns.device, ns.overlap, ns.sw_batch, ns.tta, ns.keep_largest, ns.precision,
+                    events=event, windows=windows)
+    segments = [Label.from_dict(lab) for lab in bundle.labels]
+    event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device))
+    written = []
+    for i, (src, dst) in enumerate(zip(inputs, outputs)):
+        t0 = time.perf_counter()
+        vol = load_volume(src)
+        state["done"] = 0
+        state["report"] = Progress(f"segment {i + 1}/{len(inputs)} {case_name(src)}", seg.total_windows(vol),
+                                   ns.progress)
+        labels = seg.segment(vol)
+        state["report"].close()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_volume(dst, labels, reference=vol, dtype=labels.dtype)
+        files = [str(dst)]
+        if ns.seg_nrrd:
+            seg_path = dst.with_name(case_name(dst) + ".seg.nrrd")
+            save_seg_nrrd(seg_path, labels, vol.affine, segments)
+            files.append(str(seg_path))
+        present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v]
+        event("case", input=str(src), outputs=files, seconds=round(time.perf_counter() - t0, 2),
+              labels_present=present)
+        if not json_mode and ns.progress != "none":
+            print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s)")
+        written += files
+    event("done", outputs=written)
+    return 0

@@ -1,0 +1,126 @@
+"""Whole-volume segmentation with a model bundle, on exactly the input's grid.
+
+``Segmenter(bundle).segment(volume)``:
+
+1. preprocessing as the bundle says (MONAI): orientation (RAS), resampling to the
+   model's spacing (bilinear), HU window clipped and scaled to [0, 1];
+2. sliding-window inference with Gaussian blending, slab by slab
+   (:class:`~mimcore.inference.window.WindowSegmenter`), optional flip TTA;
+3. optional keep-largest-connected-component per class (MONAI);
+4. the label map is resampled (nearest neighbour, SimpleITK) onto the input volume's own
+   grid: same size, spacing, origin and direction as the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.transforms import KeepLargestConnectedComponent, Orientation, ScaleIntensityRange, Spacing
+
+from mimcore.data.transforms import volume_to_metatensor
+from mimcore.data.volume_io import Volume, sitk_geometry
+from mimcore.devices import resolve_device
+from mimcore.errors import MimError
+from mimcore.inference.window import WindowSegmenter
+from mimcore.models.segnet import build_segnet
+
+INFERENCE_DEFAULTS = {"overlap": 0.5, "sw_batch_size": 2, "tta_flips": False, "keep_largest": False}
+
+
+def preprocess(vol: Volume, prep: dict) -> MetaTensor:
+    """Volume -> (1, X', Y', Z') float32 MetaTensor in [0, 1] at the model's orientation/spacing
+    (its ``affine`` says where it lies)."""
+    img = volume_to_metatensor(vol)
+    img = Orientation(axcodes=prep.get("orientation", "RAS"), labels=None)(img)
+    if prep.get("spacing"):
+        img = Spacing(pixdim=prep["spacing"], mode="bilinear")(img)
+    return ScaleIntensityRange(a_min=prep["hu_min"], a_max=prep["hu_max"], b_min=0.0, b_max=1.0, clip=True)(img)
+
+
+def _sitk_image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    origin, spacing, direction = sitk_geometry(affine)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    return img
+
+
+def labels_to_grid(labels: np.ndarray, affine: np.ndarray, reference: Volume) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map (X', Y', Z') with RAS ``affine`` onto the
+    reference volume's grid: -> (X, Y, Z) of ``reference.shape``, same dtype."""
+    src = _sitk_image(labels, affine)
+    ref = sitk.Image([int(s) for s in reference.shape], sitk.sitkUInt8)
+    origin, spacing, direction = sitk_geometry(reference.affine)
+    ref.SetOrigin(origin)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(direction)
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, src.GetPixelID())
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(labels.dtype, copy=False)
+
+
+class Segmenter:
+    """Runs one bundle's network on whole volumes. Settings left as None come from the
+    bundle's ``inference`` section. ``events(event, **fields)`` receives warnings;
+    ``windows(n)`` is called after every n windows (progress)."""
+
+    def __init__(self, bundle, device: str = "auto", overlap: float | None = None, sw_batch: int | None = None,
+                 tta: bool | None = None, keep_largest: bool | None = None, precision: str = "auto",
+                 events=None, windows=None, slab_budget_bytes: int = 1 << 30):
+        desc = bundle.description
+        settings = dict(INFERENCE_DEFAULTS, **desc.get("inference", {}))
+        for key, value in (("overlap", overlap), ("sw_batch_size", sw_batch), ("tta_flips", tta),
+                           ("keep_largest", keep_largest)):
+            if value is not None:
+                settings[key] = value
+        if not 0 <= float(settings["overlap"]) < 1:
+            raise MimError(f"overlap must be in [0, 1), got {settings['overlap']}")
+        if int(settings["sw_batch_size"]) < 1:
+            raise MimError(f"the window batch must be at least 1, got {settings['sw_batch_size']}")
+        self.settings, self.prep, self.labels = settings, desc["preprocessing"], bundle.labels
+        self.device = resolve_device(device)
+        self.net = build_segnet(desc["architecture"])
+        missing, unexpected = self.net.load_state_dict(bundle.state_dict(), strict=False)
+        if missing or unexpected:
+            raise MimError(f"the weights of {bundle.path} do not fit its model.json: {len(missing)} missing "
+                           f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        self.net.eval().to(self.device)
+        amp = None
+        if self.device.type == "cuda" and precision != "fp32":
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.n_classes = self.net.out_channels
+        self.window = WindowSegmenter(self.net, self.net.cfg.input_size, self.device, float(settings["overlap"]),
+                                      int(settings["sw_batch_size"]), bool(settings["tta_flips"]), amp,
+                                      slab_budget_bytes, on_event=events, on_windows=windows)
+
+    def total_windows(self, vol: Volume) -> int:
+        """Network windows needed for ``vol`` (for progress bars), from its preprocessed shape."""
+        shape, spacing = ras_order(vol, vol.shape), ras_order(vol, vol.spacing)
+        if self.prep.get("spacing"):
+            shape = [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, self.prep["spacing"])]
+        return self.window.total_windows(tuple(int(n) for n in shape), self.n_classes)
+
+    def segment_model_space(self, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """-> (labels (X', Y', Z') at the model's spacing/orientation, its RAS affine (4, 4))."""
+        img = preprocess(vol, self.prep)
+        labels = self.window(img.as_tensor(), self.n_classes)
+        if self.settings["keep_largest"]:
+            values = [lab["value"] for lab in self.labels]
+            keep = KeepLargestConnectedComponent(applied_labels=values, is_onehot=False, independent=True)
+            labels = np.asarray(keep(torch.from_numpy(labels[None].astype(np.int64)))[0]).astype(labels.dtype)
+        return labels, np.asarray(img.affine, dtype=np.float64)
+
+    def segment(self, vol: Volume) -> np.ndarray:
+        """Volume -> label map (X, Y, Z) on the volume's own grid (uint8, or uint16 past 255 labels)."""
+        labels, affine = self.segment_model_space(vol)
+        return labels_to_grid(labels, affine, vol)
+
+
+def ras_order(vol: Volume, per_axis) -> np.ndarray:
+    """A per-array-axis quantity (shape, spacing) in the axis order after ``Orientation("RAS")``."""
+    order = np.abs(vol.direction_ras).argmax(axis=0)  # array axis j runs mostly along RAS axis order[j]
+    out = np.empty(3)
+    out[order] = np.asarray(per_axis, dtype=float)
+    return out

@@ -1,0 +1,324 @@
+"""``mim finetune``: train the MiM segmentation network on labelled CT cases.
+
+DiceCE loss, AdamW (layer-wise lr decay optional) with warm-up + cosine, mixed precision
+on CUDA, DDP under ``torchrun``, exact resume from atomic checkpoints, validation every
+``val_every`` steps by sliding-window inference with per-class Dice, the best model kept
+as a model bundle (``<output>/model``), early stopping, TensorBoard, ``--progress json``
+events, and a PNG of the curves at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+from monai.optimizers import WarmupCosineSchedule
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mimcore import __version__
+from mimcore.devices import resolve_device
+from mimcore.errors import MimError
+from mimcore.inference.window import WindowSegmenter
+from mimcore.models.presets import get_preset
+from mimcore.models.segnet import MiMSegNet, architecture_dict
+from mimcore.training import distributed
+from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from mimcore.training.cpu_memory import keep_freed_memory
+from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_crops, find_cases
+from mimcore.training.finetune_labels import resolve_labels
+from mimcore.training.finetune_init import build_network
+from mimcore.training.finetune_plot import plot_curves
+from mimcore.training.logs import log_metrics, tensorboard_writer, truncate_metrics
+from mimcore.training.optim import finetune_param_groups
+from mimcore.training.pretrain import autocast_dtype, weights_digest
+from mimcore.training.pretrain_data import StepBatches, stream_seed
+from mimcore.training.progress import Progress
+
+FORMAT = "mimcore.finetune.v1"
+
+
+@dataclass
+class FinetuneArgs:
+    output: str
+    datalist: str | None = None
+    images: str | None = None
+    label_dir: str | None = None
+    section: str = "training"
+    val_section: str = "validation"
+    label_names: str | None = None
+    labels: str | None = None  # subset / remap spec, see mimcore.data.labels.parse_label_selection
+    init: str | None = None  # pre-training checkpoint, authors' .pth, or a segmentation bundle
+    preset: str | None = None
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    hu_window: tuple[float, float] = (-175.0, 250.0)
+    steps: int | None = None
+    epochs: float | None = None
+    batch: int = 1  # cases per step
+    samples_per_case: int = 2  # crops drawn from each case
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int | None = None
+    layer_decay: float = 1.0
+    drop_path: float = 0.1
+    freeze_encoder: bool = False
+    grad_checkpoint: bool = False
+    clip_grad: float = 0.0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    val_every: int | None = None
+    early_stop: int = 0  # validations without improvement before stopping; 0 = never
+    overlap: float = 0.5
+    sw_batch: int = 2
+    save_every: int = 0
+    resume: str | None = None
+    progress: str = "bar"
+    tensorboard: bool = True
+    workers: int = 0
+    name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_finetune(args: FinetuneArgs) -> dict:
+    """Run (or resume) fine-tuning. Returns a summary dict (also the ``done`` event)."""
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    dist_info = distributed.setup(str(device))
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _run(args, device, dist_info)
+    finally:
+        distributed.cleanup()
+
+
+def validate(net: MiMSegNet, cases, n_classes: int, device: torch.device, overlap: float, sw_batch: int,
+             amp_dtype) -> np.ndarray:
+    """Per-case, per-class Dice (n_cases, n_classes - 1); NaN where the class is absent from the reference."""
+    net.eval()
+    window = WindowSegmenter(net, net.cfg.input_size, device, overlap, sw_batch, amp_dtype=amp_dtype)
+    rows = []
+    for i in range(len(cases)):
+        case = cases[i]
+        pred = torch.from_numpy(window(torch.as_tensor(case["image"]), n_classes).astype(np.int64))[None, None]
+        ref = torch.as_tensor(case["label"]).long()[None]
+        d = compute_dice(one_hot(pred, n_classes), one_hot(ref, n_classes), include_background=False,
+                         ignore_empty=True)
+        rows.append(d[0].numpy())
+    net.train()
+    return np.stack(rows)
+
+
+def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
+    run_dir = Path(args.output)
+    train_cases = find_cases(args.datalist, args.images, args.label_dir, args.section)
+    if not train_cases:
+        raise MimError(f"no training cases in section '{args.section}' of {args.datalist}")
+    val_cases = find_cases(args.datalist, None, None, args.val_section) if args.datalist else []
+    val_note = None
+    if not val_cases:
+        val_cases = train_cases
+        val_note = "no validation cases: validating on the training cases (Dice measures fit, not generalisation)"
+
+    resume_from = None
+    if args.resume:
+        resume_from = find_checkpoint(run_dir if args.resume == "auto" else Path(args.resume))
+
+    labels, mapping, init_bundle = resolve_labels(args)
+    preset = args.preset or (init_bundle.description["architecture"].get("preset") if init_bundle else None) \
+        or "base"
+    cfg = get_preset(preset) if not init_bundle else None
+    torch.manual_seed(args.seed)
+    net, init_report = build_network(args, cfg, len(labels) + 1, labels, init_bundle)
+    net = net.to(device)
+    roi = net.cfg.input_size
+    prep = {"orientation": "RAS", "spacing": list(args.spacing) if args.spacing else None,
+            "hu_min": float(args.hu_window[0]), "hu_max": float(args.hu_window[1])}
+    if init_bundle is not None and args.extra.get("prep_from_bundle", True):
+        prep = dict(init_bundle.description["preprocessing"])
+
+    train_cache = cached_cases(train_cases, mapping, prep, roi)
+    val_cache = train_cache if val_cases is train_cases else cached_cases(val_cases, mapping, prep, roi)
+    dataset = LabelledCrops(train_cache, roi, args.samples_per_case)
+
+    groups = finetune_param_groups(net, args.lr, args.weight_decay, args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    amp_dtype = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    per_rank = math.ceil(len(dataset) / dist_info.world)
+    steps_per_epoch = max(1, math.ceil(per_rank / args.batch))
+    if args.steps is None and args.epochs is None:
+        raise MimError("give the length of the run: --steps N or --epochs E")
+    total = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    warmup = min(total // 2, args.warmup_steps if args.warmup_steps is not None else max(1, total // 20))
+    val_every = args.val_every or max(1, total // 5)
+
+    start, best, best_step, stale = 0, -1.0, 0, 0
+    if resume_from is not None:
+        meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True, fmt=FORMAT)
+        if meta["labels"] != [lab.to_dict() for lab in labels] or meta["total_steps"] != total:
+            raise MimError(f"{resume_from} was made with other labels or another run length; resume with the "
+                           "same --labels/--label-names and --steps/--epochs as the interrupted run")
+        net.load_state_dict(weights)
+        optimizer.load_state_dict(optim_state)
+        if scaler.is_enabled() and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        start, best, best_step, stale = int(meta["step"]), meta["best_dice"], meta["best_step"], meta["stale"]
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            scheduler.step()
+
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                    find_unused_parameters=args.freeze_encoder) if dist_info.enabled else net
+    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), args.batch, start * args.batch,
+                                                           max(0, total - start), args.seed, dist_info.rank,
+                                                           dist_info.world),
+                        num_workers=args.workers, collate_fn=collate_crops, pin_memory=device.type == "cuda")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    names = [lab.name for lab in labels]
+    bundle_desc = {
+        "name": args.name or run_dir.name, "architecture": architecture_dict(net, preset),
+        "labels": [lab.to_dict() for lab in labels], "preprocessing": prep,
+        "inference": {"roi_size": [roi] * 3, "overlap": args.overlap, "sw_batch_size": args.sw_batch,
+                      "mode": "gaussian", "tta_flips": False, "keep_largest": False},
+    }
+    meta_base = {"args": _jsonable(asdict(args)), "labels": bundle_desc["labels"], "preprocessing": prep,
+                 "total_steps": total, "warmup_steps": warmup, "world_size": dist_info.world,
+                 "init": init_report.to_dict() if init_report else None}
+    writer = tensorboard_writer(run_dir, args) if dist_info.is_main else None
+    metrics_path, val_path = run_dir / "metrics.jsonl", run_dir / "validation.jsonl"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, start)
+        truncate_metrics(val_path, start)
+    report = Progress("finetune", total, args.progress, start=start, enabled=dist_info.is_main)
+    report.event("start", stage="finetune", total=total, step=start, device=str(device), labels=names,
+                 cases=len(train_cases), validation_cases=len(val_cases),
+                 message=f"{len(train_cases)} training case(s), labels: {', '.join(names)}")
+    for note in ([init_report.summary()] if init_report else ["no --init: the encoder starts from random weights"]) \
+            + ([val_note] if val_note else []):
+        report.event("note", message=note)
+
+    def save(step: int, metrics: dict) -> None:
+        if dist_info.is_main:
+            meta = dict(meta_base, metrics=metrics, best_dice=best, best_step=best_step, stale=stale,
+                        scaler=scaler.state_dict() if scaler.is_enabled() else None)
+            path = save_checkpoint(run_dir, step, net, meta, optimizer, fmt=FORMAT)
+            report.event("checkpoint", path=str(path), step=step)
+
+    def save_bundle_now(step: int, dice: float | None, per_class: dict) -> None:
+        from mimcore.bundles.bundle import save_bundle
+
+        desc = dict(bundle_desc, training={
+            "method": "mim-finetune", "mimcore_version": __version__, "step": step, "total_steps": total,
+            "validation_dice": dice, "validation_per_class": per_class, "validated_on_training_cases": bool(val_note),
+            "init": init_report.to_dict() if init_report else None, "train_cases": len(train_cases),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "args": _jsonable(asdict(args))})
+        save_bundle(run_dir / "model", {k: v.detach().cpu() for k, v in net.state_dict().items()}, desc)
+
+    step, metrics, it, stop = start, {}, iter(loader), False
+    model.train()
+    try:
+        while step < total and not stop:
+            torch.manual_seed(stream_seed(args.seed, step, dist_info.rank))  # drop-path: same draws on resume
+            image, label = next(it)
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)
+            scaler.scale(loss).backward()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise MimError(f"the loss became {loss_value} at step {step + 1}; lower the learning rate "
+                               "(--lr) or enable clipping (--clip-grad 1.0), then --resume")
+            metrics = {"loss": loss_value}
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            metrics["lr"] = optimizer.param_groups[-1]["lr"]
+            scheduler.step()
+            step += 1
+            metrics = {k: float(f"{v:.6g}") for k, v in metrics.items()}
+            if dist_info.is_main:
+                log_metrics(metrics_path, writer, step, metrics, tag="finetune/train")
+            if step % val_every == 0 or step == total:
+                flag = torch.zeros(1)
+                if dist_info.is_main:
+                    dice = validate(net, val_cache, net.out_channels, device, args.overlap, args.sw_batch, amp_dtype)
+                    mean_class = _nanmean_rows(dice)
+                    per_class = {n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(names, mean_class)}
+                    score = float(np.nanmean(mean_class)) if np.isfinite(mean_class).any() else 0.0
+                    improved = score > best
+                    if improved:
+                        best, best_step, stale = score, step, 0
+                        save_bundle_now(step, score, per_class)
+                    else:
+                        stale += 1
+                    record = {"step": step, "dice": round(score, 4), "per_class": per_class,
+                              "best_dice": round(best, 4), "best_step": best_step}
+                    with open(val_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        writer.add_scalar("finetune/val/dice", score, step)
+                    metrics["dice"] = round(score, 4)
+                    report.event("validation", **record)
+                    if args.early_stop and stale >= args.early_stop:
+                        report.event("note", message=f"early stop at step {step}: no better Dice in "
+                                                     f"{stale} validations (best {best:.4f} at step {best_step})")
+                        flag[0] = 1
+                if dist_info.enabled:
+                    dist.broadcast(flag, src=0)
+                stop = bool(flag[0])
+            report.update(step, metrics)
+            if args.save_every and step % args.save_every == 0 and step < total and not stop:
+                save(step, metrics)
+    except KeyboardInterrupt:
+        if step > start:
+            save(step, metrics)
+        raise
+    save(step, metrics)
+    report.close()
+    if writer is not None:
+        writer.close()
+    summary = {"step": step, "total": total, "metrics": metrics, "best_dice": best, "best_step": best_step,
+               "weights_sha256": weights_digest(net), "output": str(run_dir), "rank": dist_info.rank,
+               "early_stopped": stop}
+    if dist_info.is_main:
+        summary["model"] = str(run_dir / "model")
+        summary["checkpoint"] = str(find_checkpoint(run_dir))
+        summary["curves"] = str(plot_curves(metrics_path, val_path, run_dir / "curves.png"))
+    if args.progress == "json":
+        print(json.dumps({"event": "done", **summary}), flush=True)
+    return summary
+
+
+def _nanmean_rows(dice: np.ndarray) -> np.ndarray:
+    """Mean over cases per class, NaN only where no case has the class."""
+    out = np.full(dice.shape[1], np.nan)
+    for c in range(dice.shape[1]):
+        col = dice[:, c][~np.isnan(dice[:, c])]
+        if col.size:
+            out[c] = col.mean()
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

@@ -65,7 +65,7 @@ class WindowSegmenter:
             for dims in TTA_FLIPS:
                 p += probs(x.flip(dims)).flip(dims)
             p /= 1 + len(TTA_FLIPS)
-        self.on_windows(x.shape[0])
+        self.on_windows(x.shape[0] * (1 + len(TTA_FLIPS) if self.tta else 1))  # network passes
         return p
 
     # ------------------------------------------------------------------ slabs

@@ -1,0 +1,301 @@
+"""The local model library: one folder of model bundles that every command can use by name.
+
+The library is ``$MIM_MODELS_DIR`` if set, else ``platformdirs.user_data_dir("mimcore")/models``
+(every function also takes ``library=`` to use another folder). Each model is a
+sub-folder named after it holding ``model.json`` and ``weights.safetensors``; hidden
+entries (``.cache`` for downloads and extracted zips, ``.add-*`` staging folders) are
+not models.
+
+A model enters the library only after its copy there was verified (description valid,
+weights size and sha256 as stated, safetensors header readable), and then appears at
+once with a rename, so a half-copied model is never listed.
+
+A *registry* is a JSON file (local path, ``file://`` or ``http(s)://`` URL; default
+``$MIM_MODEL_REGISTRY``) listing downloadable zipped bundles::
+
+    {"models": [{"name": "liver", "url": "liver.zip", "sha256": "...", "size": 123,
+                 "description": "..."}]}
+
+Relative URLs are relative to the registry file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+from mimcore.bundles.bundle import (DESCRIPTION_FILE, Bundle, extract_zip_bundle, load_bundle, read_description,
+                                    replace_dir, write_zip)
+from mimcore.bundles.download import download, is_url, local_path, read_text
+from mimcore.errors import MimError
+from mimcore.files import atomic_write
+
+ENV_LIBRARY = "MIM_MODELS_DIR"
+ENV_REGISTRY = "MIM_MODEL_REGISTRY"
+EXPORT_FORMATS = ("zip", "dir", "monai")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def library_dir(library: str | os.PathLike | None = None) -> Path:
+    """The library folder: ``library`` if given, else ``$MIM_MODELS_DIR``, else the user data folder."""
+    if library is not None:
+        return Path(library).expanduser()
+    if os.environ.get(ENV_LIBRARY):
+        return Path(os.environ[ENV_LIBRARY]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("mimcore")) / "models"
+
+
+def cache_dir(library: str | os.PathLike | None = None) -> Path:
+    """The library's cache (downloads, extracted zips): ``<library>/.cache``."""
+    return library_dir(library) / ".cache"
+
+
+def slugify(name: str) -> str:
+    """A library folder name made from a model name: ``"Liver (v2)"`` -> ``"Liver-v2"``."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.")[:100]
+    return slug or "model"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is usable as a library name, else a :class:`MimError`."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise MimError(f"{name!r} is not a valid model name: use letters, digits, '.', '_', '+' and '-' "
+                       f"(at most 100, starting with a letter or digit), e.g. {slugify(str(name))!r}")
+    return name
+
+
+def _names(lib: Path) -> list[str]:
+    if not lib.is_dir():
+        return []
+    return sorted(p.name for p in lib.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _available(lib: Path) -> str:
+    names = _names(lib)
+    if not names:
+        return f"the library {lib} is empty; add a model with `mim models add SOURCE`"
+    return f"available in {lib}: {', '.join(names)}"
+
+
+def list_models(library: str | os.PathLike | None = None) -> list[dict]:
+    """One dict per model, sorted by name.
+
+    Keys: ``name`` (library name), ``title`` (model.json name), ``path``, ``labels`` (count),
+    ``label_names``, ``architecture`` (kind), ``preset``, ``size`` (bytes on disk) and
+    ``error`` (None, or why the entry is not a usable bundle).
+    """
+    lib = library_dir(library)
+    rows = []
+    for name in _names(lib):
+        folder = lib / name
+        row = {"name": name, "title": None, "path": str(folder), "labels": 0, "label_names": [],
+               "architecture": None, "preset": None, "size": _folder_size(folder), "error": None}
+        try:
+            d = read_description(folder / DESCRIPTION_FILE)
+        except MimError as e:
+            row["error"] = str(e)
+        else:
+            arch = d["architecture"]
+            row.update(title=d["name"], labels=len(d["labels"]), label_names=[lb["name"] for lb in d["labels"]],
+                       architecture=arch.get("kind"), preset=arch.get("preset"))
+        rows.append(row)
+    return rows
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def get_model(name_or_path: str | os.PathLike, library: str | os.PathLike | None = None) -> Bundle:
+    """The bundle of a library name, or of a path (bundle folder, model.json or .zip).
+
+    A library name wins over a same-named folder in the current directory (write
+    ``./name`` for the folder).
+    """
+    lib = library_dir(library)
+    text = str(name_or_path)
+    if _NAME_RE.match(text) and (lib / text).is_dir():
+        return load_bundle(lib / text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return load_bundle(path, cache_dir=cache_dir(library))
+    raise MimError(f"no model named {text!r} in the library and no such file or folder; {_available(lib)}")
+
+
+def remove_model(name: str, library: str | os.PathLike | None = None) -> Path:
+    """Delete a model from the library; returns the folder it was in."""
+    lib = library_dir(library)
+    folder = lib / check_name(name)
+    if not folder.is_dir():
+        raise MimError(f"no model named {name!r} in the library; {_available(lib)}")
+    trash = Path(tempfile.mkdtemp(dir=lib, prefix=f".{name}.", suffix=".removed"))
+    os.rmdir(trash)
+    os.rename(folder, trash)  # disappears from the library at once
+    shutil.rmtree(trash, ignore_errors=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- registries
+
+def load_registry(registry: str | os.PathLike) -> list[dict]:
+    """The entries of a registry file, ``url`` made absolute; :class:`MimError` if malformed."""
+    text = read_text(registry)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MimError(f"the model registry {registry} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list):
+        raise MimError(f"the model registry {registry} must be a JSON object with a \"models\" list")
+    entries = []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict):
+            raise MimError(f"the model registry {registry}: models[{i}] must be an object")
+        for key in ("name", "url", "sha256"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise MimError(f"the model registry {registry}: models[{i}] needs a {key!r} string")
+        if entry.get("size") is not None and (not isinstance(entry["size"], int) or entry["size"] < 0):
+            raise MimError(f"the model registry {registry}: models[{i}].size must be a byte count")
+        entries.append(dict(entry, url=_resolve_url(entry["url"], registry)))
+    return entries
+
+
+def _resolve_url(url: str, registry: str | os.PathLike) -> str:
+    if is_url(url) or Path(url).is_absolute():
+        return url
+    if is_url(str(registry)) and urllib.parse.urlsplit(str(registry)).scheme != "file":
+        return urllib.parse.urljoin(str(registry), url)
+    return str(local_path(registry).parent / url)
+
+
+def _registry_entry(name: str, registry: str | os.PathLike | None) -> dict:
+    registry = registry or os.environ.get(ENV_REGISTRY)
+    if not registry:
+        raise MimError(f"{name!r} is not a file or folder, and no model registry was given to look it up in; "
+                       f"pass a bundle folder, model.json or .zip, or --registry FILE_OR_URL (or set {ENV_REGISTRY})")
+    entries = load_registry(registry)
+    for entry in entries:
+        if entry["name"] == name:
+            return entry
+    names = ", ".join(e["name"] for e in entries) or "none"
+    raise MimError(f"{name!r} is not a file or folder, nor a model in the registry {registry} (it has: {names})")
+
+
+# --------------------------------------------------------------------------- adding and exporting
+
+def add_model(source: str | os.PathLike, name: str | None = None, registry: str | os.PathLike | None = None,
+              progress: bool = True, overwrite: bool = False, library: str | os.PathLike | None = None) -> Path:
+    """Copy a bundle into the library; returns its library folder.
+
+    ``source``: a bundle folder, its model.json, a .zip of it, or the name of a model in
+    ``registry`` (downloaded with a progress bar, resumable, sha256-checked). ``name``:
+    the library name (default: the registry name, or the model's name made path-safe);
+    an existing name is refused unless ``overwrite``. The copy is verified before it
+    becomes visible; model.json's ``name`` is set to the library name.
+    """
+    lib = library_dir(library)
+    if name is not None:
+        check_name(name)
+    lib.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=lib, prefix=".add-", suffix=".tmp"))
+    downloaded: Path | None = None
+    try:
+        path = Path(str(source)).expanduser()
+        if path.exists():
+            src = _unpack_local(path, staging)
+            default_name = None
+        else:
+            entry = _registry_entry(str(source), registry)
+            downloaded = download(entry["url"], cache_dir(library) / "downloads" / f"{entry['sha256'].lower()}.zip",
+                                  entry["sha256"], entry.get("size"), progress=progress)
+            src = extract_zip_bundle(downloaded, _mkdir(staging / "unzipped"))
+            default_name = slugify(entry["name"])
+        bundle = load_bundle(src)
+        final = check_name(name or default_name or slugify(bundle.name))
+        dest = lib / final
+        if dest.exists() and not overwrite:
+            raise MimError(f"a model named {final!r} is already in the library ({dest}); pass --overwrite "
+                           "(overwrite=True) to replace it, or --name to add it under another name")
+        new = _copy_bundle(bundle, _mkdir(staging / "bundle"), final)
+        load_bundle(new).verify()
+        try:
+            replace_dir(new, dest) if overwrite else os.rename(new, dest)
+        except OSError as e:
+            raise MimError(f"could not add {final!r} to the library at {dest} ({e}); if another process added "
+                           "it meanwhile, pass --overwrite or another --name") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if downloaded is not None:
+        downloaded.unlink(missing_ok=True)  # verified and copied: no need to keep the zip
+    return dest
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _unpack_local(path: Path, staging: Path) -> Path:
+    """A local source as a bundle folder (zips are extracted into ``staging``)."""
+    import zipfile
+
+    if path.is_file() and zipfile.is_zipfile(path):
+        return extract_zip_bundle(path, _mkdir(staging / "unzipped"))
+    return load_bundle(path).path
+
+
+def _copy_bundle(bundle: Bundle, folder: Path, name: str | None = None) -> Path:
+    """Copy model.json (``name`` set, if given) and the weights of ``bundle`` into ``folder``."""
+    shutil.copyfile(bundle.weights_path, folder / bundle.weights_path.name)
+    desc = dict(bundle.description)
+    if name is not None and desc["name"] != name:
+        desc["name"] = name
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2) + "\n")
+    else:
+        shutil.copyfile(bundle.description_path, folder / DESCRIPTION_FILE)
+    return folder
+
+
+def export_model(name: str, dest: str | os.PathLike, fmt: str = "zip", library: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a library model (or a bundle path) to ``dest``; returns what was written.
+
+    ``fmt``: ``"zip"`` (one .zip file), ``"dir"`` (a bundle folder) or ``"monai"`` (a
+    MONAI bundle, :func:`mimcore.bundles.monai_export.export_monai_bundle`). If ``dest``
+    is an existing folder, the export goes inside it (``<name>.zip`` or ``<name>/``).
+    The weights are verified first; an existing target is refused unless ``overwrite``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise MimError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    bundle = get_model(name, library)
+    bundle.verify()
+    stem = bundle.path.name if bundle.path.parent == library_dir(library) else slugify(bundle.name)
+    dest = Path(dest).expanduser()
+    target = dest / (f"{stem}.zip" if fmt == "zip" else stem) if dest.is_dir() else dest
+    if target.exists() and not overwrite:
+        raise MimError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "zip":
+        if target.is_dir():
+            raise MimError(f"{target} is a folder; give a .zip file name")
+        atomic_write(target, lambda tmp: write_zip(bundle.path, tmp))
+    elif fmt == "dir":
+        if target.exists() and not target.is_dir():
+            raise MimError(f"{target} is a file; give a folder name")
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            replace_dir(_copy_bundle(bundle, staging), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        from mimcore.bundles.monai_export import export_monai_bundle
+
+        export_monai_bundle(bundle, target, overwrite=overwrite)
+    return target

@@ -15,7 +15,15 @@ import sys
 from mimcore import __version__
 from mimcore.errors import MimError
 
-COMMAND_MODULES = ("mimcore.cli.data_cmd", "mimcore.cli.pretrain_cmd", "mimcore.cli.reconstruct_cmd")
+COMMAND_MODULES = (
+    "mimcore.cli.data_cmd",
+    "mimcore.cli.pretrain_cmd",
+    "mimcore.cli.reconstruct_cmd",
+    "mimcore.cli.models_cmd",
+    "mimcore.cli.finetune_cmd",
+    "mimcore.cli.segment_cmd",
+    "mimcore.cli.evaluate_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

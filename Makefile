@@ -34,6 +34,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python Testing/benchmarks/bench_pretrain.py
+	$(BIN)/python Testing/benchmarks/bench_segment.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -36,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Labels to score: a model bundle folder (its model.json), a labels JSON file "
                              "([{\"value\": 1, \"name\": \"liver\"}, ...] or {\"1\": \"liver\"}), or "
                              "'1:liver,2:spleen'. Default: every value present, named label_<v>.")
+    parser.add_argument("--ref-map", metavar="OLD:NEW,...",
+                        help="Renumber the reference first, e.g. '5:1,1:2' to score a TotalSegmentator map "
+                             "(liver 5, spleen 1) against a model with liver 1, spleen 2; other values "
+                             "become background.")
     parser.add_argument("--out", metavar="DIR", help="Write DIR/evaluation.csv and DIR/evaluation.json.")
     parser.add_argument("--csv", metavar="FILE", help="Write the per case x label table here (CSV).")
     parser.add_argument("--json", metavar="FILE", help="Write per-case results and the summary here (JSON).")
@@ -122,7 +126,13 @@ def handler(args: argparse.Namespace) -> int:
         if n > 1:
             print(f"evaluated {i}/{n}: {case_id}", file=sys.stderr, flush=True)
 
-    evaluation = evaluate_files(pairs, labels, progress=progress)
+    ref_map = None
+    if args.ref_map:
+        try:
+            ref_map = {int(a): int(b) for a, b in (item.split(":") for item in args.ref_map.split(","))}
+        except ValueError:
+            raise MimError(f"--ref-map {args.ref_map!r}: write old:new value pairs, e.g. 5:1,1:2") from None
+    evaluation = evaluate_files(pairs, labels, label_map_ref=ref_map, progress=progress)
     for note in evaluation.notes:
         print(f"mim: note: {note}", file=sys.stderr, flush=True)
     print(format_summary(evaluation))

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default=".nii.gz", choices=LABEL_SUFFIXES, help="label map format in a folder")
     p.add_argument("--seg-nrrd", action="store_true",
                    help="also write <name>.seg.nrrd, which 3D Slicer opens with segment names and colours")
+    p.add_argument("--png", action="store_true",
+                   help="also write <name>.png: the labels over axial, coronal and sagittal slices")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
                    help="auto = bf16/fp16 autocast on CUDA, fp32 elsewhere")
@@ -110,6 +112,12 @@ def run(ns: argparse.Namespace) -> int:
             seg_path = dst.with_name(case_name(dst) + ".seg.nrrd")
             save_seg_nrrd(seg_path, labels, vol.affine, segments)
             files.append(str(seg_path))
+        if ns.png:
+            from mimcore.inference.overlay import write_overlay_png
+
+            window = (bundle.preprocessing.get("hu_min", -175.0), bundle.preprocessing.get("hu_max", 250.0))
+            files.append(str(write_overlay_png(vol, labels, segments, dst.with_name(case_name(dst) + ".png"),
+                                               window, title=f"{src.name}: {bundle.name}")))
         present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v]
         event("case", input=str(src), outputs=files, seconds=round(time.perf_counter() - t0, 2),
               labels_present=present)

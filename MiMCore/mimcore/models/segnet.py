@@ -4,7 +4,7 @@ The pre-trained :class:`~mimcore.models.convvit.ConvViT3D` encoder without maski
 fifth stage (Conv3d k2 s2 C4 -> C4, LayerNorm, GELU) and a SwinUNETR-style U-shaped
 decoder built from MONAI's ``UnetrBasicBlock`` / ``UnetrUpBlock`` / ``UnetOutBlock``.
 For an input (B, 1, S, S, S), S = ``input_size`` (96 for ``base``), with feature size F
-(48 for ``base``, = the first stage's channels):
+(the first stage's channels, at least 16: 48 for ``base``, 24 for ``small``, 16 for ``tiny``):
 
 ========  ==========================  ======================  ==========================
 scale     encoder feature             decoder block           decoder output
@@ -36,6 +36,9 @@ from mimcore.models.layers import PatchEmbed
 from mimcore.models.presets import ModelConfig, get_preset
 
 ARCHITECTURE_KIND = "mim-seg"
+#: The decoder's feature size is the first stage's width (48 for ``base``, as published),
+#: but at least this: a 6-wide decoder (``tiny``) learns several times slower than a 16-wide one.
+MIN_FEATURE_SIZE = 16
 
 
 def _basic(cin: int, cout: int, norm="instance") -> UnetrBasicBlock:
@@ -60,7 +63,7 @@ class MiMSegNet(nn.Module):
             raise MimError("a segmentation model needs at least one label besides the background")
         self.cfg = cfg
         self.checkpointing = checkpointing
-        f = feature_size or cfg.dims[0]
+        f = feature_size or max(cfg.dims[0], MIN_FEATURE_SIZE)
         self.feature_size = f
         c1, c2, c3, c4 = cfg.dims
         self.encoder = ConvViT3D(cfg, drop_path=drop_path)

@@ -209,6 +209,8 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     report.event("start", stage="finetune", total=total, step=start, device=str(device), labels=names,
                  cases=len(train_cases), validation_cases=len(val_cases),
                  message=f"{len(train_cases)} training case(s), labels: {', '.join(names)}")
+    if resume_from is not None:
+        report.event("resume", path=str(resume_from), step=start)
     for note in ([init_report.summary()] if init_report else ["no --init: the encoder starts from random weights"]) \
             + ([val_note] if val_note else []):
         report.event("note", message=note)

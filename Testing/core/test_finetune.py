@@ -1,0 +1,100 @@
+"""The fine-tuning engine on synthetic cases: exact resume, events, bundles, starting from a bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from mimcore.bundles.bundle import load_bundle
+from mimcore.cli.main import main
+from mimcore.data.volume_io import save_volume
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Two CT-like volumes with a 'liver' ball (1) and a 'spleen' box (2), label maps alongside."""
+    root = tmp_path_factory.mktemp("ft_cases")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(40, 36, 24), (36, 40, 22)]):
+        x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+        ball = (x + 0.3) ** 2 + y**2 + z**2 < 0.25
+        box = (np.abs(x - 0.55) < 0.2) & (np.abs(y) < 0.3) & (np.abs(z) < 0.4)
+        hu = np.where(ball, 60.0, np.where(box, 120.0, -100.0)) + 10 * rng.standard_normal(shape)
+        label = ball * 1 + box * 2
+        affine = np.diag([1.5, 1.6, 2.5, 1.0])
+        save_volume(root / "images" / f"case{i}.nii.gz", hu.astype(np.float32), affine)
+        save_volume(root / "labels" / f"case{i}.nii.gz", label.astype(np.uint8), affine, dtype=np.uint8)
+    return root
+
+
+def finetune(out, cases, *extra, capsys=None):
+    rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
+               "--label-names", "1:liver,2:spleen", "--preset", "tiny", "--spacing", "2", "2", "2",
+               "--output", str(out), "--lr", "1e-3", "--warmup-steps", "1", "--progress", "json",
+               "--no-tensorboard", "--device", "cpu", *extra])
+    events = []
+    if capsys is not None:
+        events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    return rc, events
+
+
+def test_resume_is_exact_and_events_carry_loss_dice_eta(tmp_path, cases, capsys):
+    rc, events = finetune(tmp_path / "a", cases, "--steps", "4", "--val-every", "2", capsys=capsys)
+    assert rc == 0
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("validation") == 2
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4]
+    assert "loss" in progress[-1]["metrics"] and "dice" in progress[1]["metrics"]
+    assert progress[-1]["eta_s"] is not None
+    val = [e for e in events if e["event"] == "validation"][0]
+    assert set(val["per_class"]) == {"liver", "spleen"}
+
+    rc, _ = finetune(tmp_path / "b", cases, "--steps", "4", "--val-every", "2", "--save-every", "2", capsys=capsys)
+    for f in (tmp_path / "b").glob("checkpoint_00000004*"):
+        f.unlink()  # interrupted right after step 2
+    rc, events = finetune(tmp_path / "b", cases, "--steps", "4", "--val-every", "2", "--resume", capsys=capsys)
+    assert rc == 0 and events[0]["event"] == "start" and events[0]["step"] == 2
+    wa = load_file(tmp_path / "a" / "checkpoint_00000004.safetensors")
+    wb = load_file(tmp_path / "b" / "checkpoint_00000004.safetensors")
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert (tmp_path / "a" / "validation.jsonl").read_text() == (tmp_path / "b" / "validation.jsonl").read_text()
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+
+    bundle = load_bundle(tmp_path / "a" / "model")
+    assert [(lab["value"], lab["name"]) for lab in bundle.labels] == [(1, "liver"), (2, "spleen")]
+    assert bundle.description["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    assert bundle.description["architecture"]["out_channels"] == 3
+    best = max(json.loads(ln)["dice"] for ln in (tmp_path / "a" / "validation.jsonl").read_text().splitlines())
+    assert bundle.description["training"]["validation_dice"] == pytest.approx(best, abs=1e-4)
+
+
+def test_starting_from_a_bundle_keeps_or_replaces_the_head(tmp_path, cases, capsys):
+    rc, _ = finetune(tmp_path / "first", cases, "--steps", "1", capsys=capsys)
+    assert rc == 0
+    rc, events = finetune(tmp_path / "same", cases, "--steps", "1", "--init", str(tmp_path / "first" / "model"),
+                          capsys=capsys)
+    notes = " ".join(e.get("message", "") for e in events if e["event"] == "note")
+    assert rc == 0 and "segmentation bundle" in notes and "output layer is new" not in notes
+    rc, events = finetune(tmp_path / "other", cases, "--steps", "1", "--init", str(tmp_path / "first" / "model"),
+                          "--labels", "liver", capsys=capsys)
+    notes = " ".join(e.get("message", "") for e in events if e["event"] == "note")
+    assert rc == 0 and "output layer is new" in notes
+    assert load_bundle(tmp_path / "other" / "model").description["architecture"]["out_channels"] == 2
+
+
+def test_clear_errors(tmp_path, cases, capsys):
+    rc, _ = finetune(tmp_path / "x", cases, "--steps", "1", "--labels", "livr")
+    assert rc == 2 and "liver" in capsys.readouterr().err  # suggests the close match
+    rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
+               "--preset", "tiny", "--steps", "1", "--output", str(tmp_path / "y"), "--progress", "none"])
+    assert rc == 2 and "label names are unknown" in capsys.readouterr().err
+    rc, _ = finetune(tmp_path / "z", cases, "--steps", "1", "--freeze-encoder")
+    assert rc == 2 and "--init" in capsys.readouterr().err

@@ -98,3 +98,18 @@ def test_clear_errors(tmp_path, cases, capsys):
     assert rc == 2 and "label names are unknown" in capsys.readouterr().err
     rc, _ = finetune(tmp_path / "z", cases, "--steps", "1", "--freeze-encoder")
     assert rc == 2 and "--init" in capsys.readouterr().err
+
+
+def test_init_from_a_pretraining_run_takes_its_size(tmp_path, cases, capsys):
+    from mimcore.methods.mim import MiMPretrainModel
+    from mimcore.models.presets import MiMConfig, get_preset
+    from mimcore.training.checkpoint import save_checkpoint
+
+    tiny = get_preset("tiny")
+    save_checkpoint(tmp_path / "pre", 1, MiMPretrainModel(tiny, MiMConfig()), {"preset": "tiny", "model": tiny.to_dict()})
+    rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
+               "--label-names", "1:liver,2:spleen", "--init", str(tmp_path / "pre"), "--steps", "1",
+               "--output", str(tmp_path / "ft"), "--progress", "json", "--no-tensorboard", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "pre-training checkpoint" in out
+    assert load_bundle(tmp_path / "ft" / "model").description["architecture"]["preset"] == "tiny"

@@ -138,7 +138,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
 
     labels, mapping, init_bundle = resolve_labels(args)
     preset = args.preset or (init_bundle.description["architecture"].get("preset") if init_bundle else None) \
-        or "base"
+        or _init_preset(args.init) or "base"
     cfg = get_preset(preset) if not init_bundle else None
     torch.manual_seed(args.seed)
     net, init_report = build_network(args, cfg, len(labels) + 1, labels, init_bundle)
@@ -310,6 +310,15 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     if args.progress == "json":
         print(json.dumps({"event": "done", **summary}), flush=True)
     return summary
+
+
+def _init_preset(init: str | None) -> str | None:
+    """The size of a pre-training checkpoint given as ``--init`` (so --preset may be left out)."""
+    from mimcore.models.encoder_init import source_kind
+
+    if not init or source_kind(init) != "pretrain":
+        return None
+    return json.loads(find_checkpoint(Path(init)).read_text()).get("preset")
 
 
 def _nanmean_rows(dice: np.ndarray) -> np.ndarray:

@@ -47,3 +47,22 @@ def setup(device: str) -> DistInfo:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(device_name: str, run):
+    """Resolve the device, join the ``torchrun`` group if any, call ``run(device, dist_info)``
+    and always leave the group. On the CPU, freed memory is kept in the process
+    (:mod:`~mimcore.training.cpu_memory`); on CUDA each rank takes its local GPU."""
+    from mimcore.devices import resolve_device
+    from mimcore.training.cpu_memory import keep_freed_memory
+
+    device = resolve_device(device_name)
+    if device.type == "cpu":
+        keep_freed_memory()
+    info = setup(str(device))
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return run(device, info)
+    finally:
+        cleanup()

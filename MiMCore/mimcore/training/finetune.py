@@ -27,14 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimcore import __version__
-from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models.presets import get_preset
 from mimcore.models.segnet import MiMSegNet, architecture_dict
 from mimcore.training import distributed
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
-from mimcore.training.cpu_memory import keep_freed_memory
 from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_crops, find_cases
 from mimcore.training.finetune_labels import resolve_labels
 from mimcore.training.finetune_init import build_network
@@ -92,16 +90,7 @@ class FinetuneArgs:
 
 def run_finetune(args: FinetuneArgs) -> dict:
     """Run (or resume) fine-tuning. Returns a summary dict (also the ``done`` event)."""
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    dist_info = distributed.setup(str(device))
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    try:
-        return _run(args, device, dist_info)
-    finally:
-        distributed.cleanup()
+    return distributed.launch(args.device, lambda device, info: _run(args, device, info))
 
 
 def validate(net: MiMSegNet, cases, n_classes: int, device: torch.device, overlap: float, sw_batch: int,

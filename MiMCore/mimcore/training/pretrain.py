@@ -23,12 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimcore.data.preprocess import Preprocessing
-from mimcore.devices import resolve_device  # noqa: F401 (re-exported)
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
 from mimcore.models.presets import MiMConfig, ModelConfig, get_preset
 from mimcore.training import distributed
-from mimcore.training.cpu_memory import keep_freed_memory
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from mimcore.training.optim import make_optimizer, scaled_lr
 from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
@@ -100,16 +98,7 @@ def _schedule_steps(args: PretrainArgs, steps_per_epoch: int) -> tuple[int, int]
 
 def run_pretrain(args: PretrainArgs) -> dict:
     """Run (or resume) pre-training. Returns a summary dict (also the ``done`` event)."""
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    dist_info = distributed.setup(str(device))
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    try:
-        return _run(args, device, dist_info)
-    finally:
-        distributed.cleanup()
+    return distributed.launch(args.device, lambda device, info: _run(args, device, info))
 
 
 def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:

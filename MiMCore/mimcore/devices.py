@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from mimcore.errors import MimError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
 
 
 def mps_available() -> bool:
+    import torch
+
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA if present, else Apple MPS, else the CPU; a named device that is
     missing raises MimError saying what was found instead."""
+    import torch  # here, not at module level: `mim --help` stays fast
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mimcore.data.volume_io import VOLUME_SUFFIXES, volume_suffix
 from mimcore.errors import MimError
 
 
@@ -49,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def case_key(path: Path) -> str:
     """The name a file is paired by: without its volume suffix, and without a trailing ``.seg``."""
+    from mimcore.data.volume_io import volume_suffix
+
     name = path.name
     suffix = volume_suffix(path)
     if suffix and name.lower().endswith(suffix):
@@ -59,6 +60,8 @@ def case_key(path: Path) -> str:
 
 
 def _volume_files(folder: Path) -> dict[str, Path]:
+    from mimcore.data.volume_io import VOLUME_SUFFIXES, volume_suffix
+
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or volume_suffix(path) not in VOLUME_SUFFIXES:

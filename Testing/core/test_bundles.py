@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimcore.bundles.bundle import BUNDLE_FORMAT, Bundle, load_bundle, save_bundle, validate_description
+from mimcore.bundles import bundle as bundle_module
+from mimcore.bundles.bundle import (BUNDLE_FORMAT, Bundle, load_bundle, save_bundle, validate_description,
+                                   write_zip)
 from mimcore.bundles.download import download
 from mimcore.errors import MimError
 from mimcore.files import sha256_file
@@ -248,6 +250,27 @@ def test_zip_symlink_is_refused(tmp_path):
                                                  (link, b"/etc/passwd")])
     with pytest.raises(MimError, match="symbolic link"):
         load_bundle(zip_path, cache_dir=tmp_path / "cache")
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    folder = save_bundle(tmp_path / "model", state_dict(), description())
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder / "model.json", "model.json")
+        zf.write(folder / "weights.safetensors", "weights.safetensors")
+        with zf.open("padding.bin", "w") as out:  # 64 MiB of zeros deflate to ~64 KiB
+            for _ in range(64):
+                out.write(bytes(1 << 20))
+    with pytest.raises(MimError, match="zip bomb"):
+        load_bundle(bomb, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "bundles").iterdir())
+
+    # the total is capped too, whatever the ratio (the cap lowered to the bundle's own size)
+    plain = tmp_path / "plain.zip"
+    write_zip(folder, plain)
+    monkeypatch.setattr(bundle_module, "MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(MimError, match="would unpack to .* limit"):
+        load_bundle(plain, cache_dir=tmp_path / "cache2")
 
 
 def test_zip_without_model_json_is_refused(tmp_path):

@@ -51,6 +51,10 @@ DESCRIPTION_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 _FORMAT_RE = re.compile(r"^mimcore\.bundle\.v(\d+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# Zip-bomb guards: a bundle unpacks to at most this much, and no member larger than
+# MAX_RATIO_FROM_BYTES may be compressed more than MAX_RATIO times (weights barely compress).
+MAX_UNPACKED_BYTES = 16 << 30
+MAX_RATIO, MAX_RATIO_FROM_BYTES = 100, 8 << 20
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 _REQUIRED = {"format": str, "name": str, "architecture": dict, "labels": list, "preprocessing": dict,
              "inference": dict, "training": dict, "weights": dict}
@@ -426,7 +430,8 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
     """Safely extract a zipped bundle into the existing directory ``dest``; returns the bundle folder.
 
     Refused (:class:`MimError`, nothing extracted): absolute paths, ``..`` components,
-    backslashes, symlinks and other special files, duplicate names, and zips without a
+    backslashes, symlinks and other special files, duplicate names, zip bombs (see
+    MAX_UNPACKED_BYTES, MAX_RATIO), and zips without a
     model.json at the top (or in a single top-level folder). A zip holding a pickle
     (``torch.save`` writes zips of pickles) is named as such and never unpickled.
     """
@@ -442,6 +447,7 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
             _check_member(zip_path, info)
         if len(set(names)) != len(names):
             raise MimError(f"{zip_path} lists the same file twice; refusing an ambiguous zip")
+        _check_sizes(zip_path, members)
         files = [n for n in names if not n.endswith("/")]
         prefix = _zip_bundle_prefix(zip_path, files)
         try:
@@ -475,6 +481,20 @@ def _check_member(zip_path: Path, info: zipfile.ZipInfo) -> None:
                        "refusing to extract it")
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise MimError(f"{zip_path} contains {name!r}, which is not a plain file; refusing to extract it")
+
+
+def _check_sizes(zip_path: Path, members: list[zipfile.ZipInfo]) -> None:
+    """Refuse zip bombs before writing anything (zipfile never yields more than a member's
+    declared size, so the declared sizes bound what extraction writes)."""
+    total = sum(i.file_size for i in members)
+    if total > MAX_UNPACKED_BYTES:
+        raise MimError(f"{zip_path} would unpack to {total / 2**30:.1f} GiB, more than a model bundle's limit of "
+                       f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB; refusing to extract it (the zip is broken or malicious)")
+    for info in members:
+        if info.file_size > MAX_RATIO_FROM_BYTES and info.file_size > MAX_RATIO * max(1, info.compress_size):
+            raise MimError(f"{zip_path}: member {info.filename!r} unpacks {info.file_size / max(1, info.compress_size):.0f}"
+                           f" times larger than it is stored ({info.file_size / 2**20:.0f} MiB); model weights do not "
+                           "compress like that, refusing a likely zip bomb")
 
 
 def _zip_bundle_prefix(zip_path: Path, files: list[str]) -> str:

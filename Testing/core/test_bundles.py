@@ -386,6 +386,35 @@ def test_http_download(http_server, tmp_path):
     assert len(http_server.requests) == 1
 
 
+def test_a_second_download_waits_for_the_first_and_uses_its_file(http_server, tmp_path):
+    import subprocess
+    import sys
+
+    http_server.files["/m.zip"] = PAYLOAD
+    dest = tmp_path / "m.zip"
+    holder = subprocess.Popen(  # another process downloading the same file: it holds the lock
+        [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); sys.stdin.readline(); lock.release()", f"{dest}.lock"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("path", download(
+            f"{http_server.url}/m.zip", dest, PAYLOAD_SHA, size=len(PAYLOAD), progress=False)))
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and http_server.requests == []  # waiting, not downloading
+        dest.write_bytes(PAYLOAD)  # the other process finishes its download
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        worker.join(30)
+        assert result["path"] == dest and dest.read_bytes() == PAYLOAD
+        assert http_server.requests == []  # it found the verified file and fetched nothing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_http_download_resumes_a_part_file(http_server, tmp_path):
     http_server.files["/m.zip"] = PAYLOAD
     (tmp_path / "m.zip.part").write_bytes(PAYLOAD[:100_000])

@@ -6,6 +6,8 @@
 - HTTP(S) shows a tqdm progress bar on stderr and writes to ``dest.part``; a later call
   resumes a ``.part`` left by an interrupted download with an HTTP ``Range`` request,
   and starts over when the server ignores it (replies 200 instead of 206);
+- one process at a time downloads a given ``dest`` (a lock file ``dest.lock``); a second
+  one waits, then finds the verified file and returns it;
 - the result must have the expected size and sha256, else it is deleted and a
   :class:`MimError` says expected vs actual; only a verified file is renamed to ``dest``.
 """
@@ -66,8 +68,29 @@ def download(url: str, dest: str | os.PathLike, sha256: str, size: int | None = 
     sha256 = sha256.lower()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file() and (size is None or dest.stat().st_size == size) and sha256_file(dest) == sha256:
+    if _matches(dest, sha256, size):
         return dest
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(dest.with_name(dest.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another download of {dest.name} to finish ...", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if _matches(dest, sha256, size):  # the other download finished it
+            return dest
+        return _download_locked(url, dest, sha256, size, progress, timeout)
+    finally:
+        lock.release()
+
+
+def _matches(dest: Path, sha256: str, size: int | None) -> bool:
+    return dest.is_file() and (size is None or dest.stat().st_size == size) and sha256_file(dest) == sha256
+
+
+def _download_locked(url: str, dest: Path, sha256: str, size: int | None, progress: bool, timeout: float) -> Path:
     part = dest.with_name(dest.name + ".part")
     source = local_path(url)
     if source is not None:

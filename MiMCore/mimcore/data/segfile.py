@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mimcore.data.labels import Label, default_color, present_values, remap_array, to_label_array
-from mimcore.data.volume_io import _itk_message, _quiet_itk, affine_from_sitk, sitk_geometry
+from mimcore.data.volume_io import itk_message, quiet_itk, affine_from_sitk, sitk_geometry
 from mimcore.errors import MimError
 from mimcore.files import atomic_write
 
@@ -118,14 +118,14 @@ def save_seg_nrrd(path: str | os.PathLike, labels, affine: np.ndarray, segments:
         writer.SetImageIO("NrrdImageIO")  # the temporary name has no .nrrd suffix
         writer.SetFileName(tmp)
         writer.UseCompressionOn()
-        with _quiet_itk():
+        with quiet_itk():
             writer.Execute(image)
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)
     except (RuntimeError, OSError) as err:
-        reason = _itk_message(err) if isinstance(err, RuntimeError) else (err.strerror or str(err))
+        reason = itk_message(err) if isinstance(err, RuntimeError) else (err.strerror or str(err))
         raise MimError(f"Could not write {path}: {reason}. Check that the folder is writable "
                        "and the disk is not full.") from None
     return path
@@ -159,10 +159,10 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list
     reader.SetImageIO("NrrdImageIO")
     reader.SetFileName(str(path))
     try:
-        with _quiet_itk():
+        with quiet_itk():
             image = reader.Execute()
     except RuntimeError as err:
-        raise MimError(f"Could not read {path} as a NRRD segmentation: {_itk_message(err)}. "
+        raise MimError(f"Could not read {path} as a NRRD segmentation: {itk_message(err)}. "
                        "Save it from 3D Slicer as .seg.nrrd.") from None
     meta = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
     if image.GetDimension() == 4:  # a 4D scalar NRRD: (X, Y, Z, layers)

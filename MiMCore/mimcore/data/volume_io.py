@@ -101,7 +101,7 @@ def sitk_geometry(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
     return tuple(origin.tolist()), tuple(spacing.tolist()), tuple((_LPS_TO_RAS @ direction).ravel().tolist())
 
 
-def _itk_message(err: Exception) -> str:
+def itk_message(err: Exception) -> str:
     """The useful line of an ITK exception (ITK messages carry C++ file names first)."""
     text = str(err)
     match = re.search(r"(?:sitk::ERROR|itk::ERROR)[^:]*:\s*(.+)", text)
@@ -112,7 +112,7 @@ def _itk_message(err: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_itk():
+def quiet_itk():
     """Silence ITK's own warnings on stderr (we report problems as MimError/warnings)."""
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -136,7 +136,7 @@ def dicom_series_files(folder: str | os.PathLike, warn: bool = True) -> list[str
     """
     folder = str(folder)
     reader = sitk.ImageSeriesReader
-    with _quiet_itk():
+    with quiet_itk():
         series_ids = reader.GetGDCMSeriesIDs(folder)
         candidates = [list(reader.GetGDCMSeriesFileNames(folder, sid)) for sid in series_ids]
     candidates = [files for files in candidates if files]
@@ -161,11 +161,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        with _quiet_itk():
+        with quiet_itk():
             return reader.Execute()
     except RuntimeError as err:
         raise MimError(f"Could not read the DICOM series in {folder} ({len(files)} files): "
-                       f"{_itk_message(err)}. Check that the series is complete and not compressed "
+                       f"{itk_message(err)}. Check that the series is complete and not compressed "
                        "with an unsupported transfer syntax.") from None
 
 
@@ -173,7 +173,7 @@ def _read_file(path: Path) -> sitk.Image:
     suffix = volume_suffix(path)
     if suffix not in VOLUME_SUFFIXES:
         io_name = ""
-        with _quiet_itk(), contextlib.suppress(RuntimeError):
+        with quiet_itk(), contextlib.suppress(RuntimeError):
             io_name = sitk.ImageFileReader().GetImageIOFromFileName(str(path))
         if io_name == "GDCMImageIO":
             raise MimError(f"{path} is a single DICOM file. Pass the folder that holds the whole "
@@ -183,10 +183,10 @@ def _read_file(path: Path) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with _quiet_itk():
+        with quiet_itk():
             image = reader.Execute()
     except RuntimeError as err:
-        raise MimError(f"Could not read {path}: {_itk_message(err)}. The file is damaged or not a "
+        raise MimError(f"Could not read {path}: {itk_message(err)}. The file is damaged or not a "
                        f"valid {suffix} image; re-export it.") from None
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path, reader)
@@ -324,9 +324,9 @@ def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None
     image.SetDirection(direction)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _quiet_itk():
+        with quiet_itk():
             sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as err:
-        raise MimError(f"Could not write {path}: {_itk_message(err)}. Check that the folder is "
+        raise MimError(f"Could not write {path}: {itk_message(err)}. Check that the folder is "
                        "writable and the disk is not full.") from None
     return path

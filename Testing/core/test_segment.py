@@ -100,6 +100,20 @@ def test_segmenter_output_grid_and_tta(tiny_bundle):
     assert sum(calls) == tta.total_windows(vol)  # progress totals match the work done
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_lazy_preprocessing_predicts_the_exact_shape(seed):
+    """Progress totals come from the lazy shape: it must equal the resampled one on grids
+    where rounding the extent could go either way."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(20, 70, 3))
+    affine = np.eye(4)
+    affine[:3, :3] = np.linalg.qr(rng.normal(size=(3, 3)))[0] * rng.uniform(0.6, 3.1, 3)
+    affine[:3, 3] = rng.normal(size=3) * 40
+    vol = Volume(np.zeros(shape, np.float32), affine)
+    prep = dict(PREP, spacing=[1.5, 1.5, 2.0])
+    assert tuple(preprocess(vol, prep, lazy=True).peek_pending_shape()) == tuple(preprocess(vol, prep).shape[1:])
+
+
 def geometry(path):
     img = sitk.ReadImage(str(path))
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()

@@ -29,13 +29,16 @@ from mimcore.models.segnet import build_segnet
 INFERENCE_DEFAULTS = {"overlap": 0.5, "sw_batch_size": 2, "tta_flips": False, "keep_largest": False}
 
 
-def preprocess(vol: Volume, prep: dict) -> MetaTensor:
+def preprocess(vol: Volume, prep: dict, lazy: bool = False) -> MetaTensor:
     """Volume -> (1, X', Y', Z') float32 MetaTensor in [0, 1] at the model's orientation/spacing
-    (its ``affine`` says where it lies)."""
+    (its ``affine`` says where it lies). ``lazy``: only the pending geometry, nothing resampled
+    (``peek_pending_shape()`` is the shape the full call returns)."""
     img = volume_to_metatensor(vol)
-    img = Orientation(axcodes=prep.get("orientation", "RAS"), labels=None)(img)
+    img = Orientation(axcodes=prep.get("orientation", "RAS"), labels=None, lazy=lazy)(img)
     if prep.get("spacing"):
-        img = Spacing(pixdim=prep["spacing"], mode="bilinear")(img)
+        img = Spacing(pixdim=prep["spacing"], mode="bilinear", lazy=lazy)(img)
+    if lazy:
+        return img
     return ScaleIntensityRange(a_min=prep["hu_min"], a_max=prep["hu_max"], b_min=0.0, b_max=1.0, clip=True)(img)
 
 
@@ -96,11 +99,10 @@ class Segmenter:
                                       slab_budget_bytes, on_event=events, on_windows=windows)
 
     def total_windows(self, vol: Volume) -> int:
-        """Network windows needed for ``vol`` (for progress bars), from its preprocessed shape."""
-        shape, spacing = ras_order(vol, vol.shape), ras_order(vol, vol.spacing)
-        if self.prep.get("spacing"):
-            shape = [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, self.prep["spacing"])]
-        return self.window.total_windows(tuple(int(n) for n in shape), self.n_classes)
+        """Network windows needed for ``vol`` (for progress bars), from the exact shape that
+        preprocessing gives it (MONAI's lazy transforms compute it without resampling)."""
+        img = preprocess(vol, self.prep, lazy=True)
+        return self.window.total_windows(tuple(int(n) for n in img.peek_pending_shape()), self.n_classes)
 
     def segment_model_space(self, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
         """-> (labels (X', Y', Z') at the model's spacing/orientation, its RAS affine (4, 4))."""

@@ -1,4 +1,4 @@
-"""Shared fixtures of the core tests."""
+"""Fixtures shared by every test suite (core, Slicer logic, packaging)."""
 
 import os
 

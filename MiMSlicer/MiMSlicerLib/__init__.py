@@ -1,0 +1,23 @@
+"""MiMSlicerLib: everything the MiMSlicer module does except the Qt wiring.
+
+It imports ``slicer`` (MRML nodes, module logic classes) but never ``qt`` or
+``slicer.app``, so it runs, and is tested, with the ``slicer-core`` package outside the
+Slicer application. It never imports torch either: all heavy work runs in a child
+process (``python -m mimcore ... --progress json``).
+
+Modules, one concept each:
+
+=====================  =================================================================
+``errors``             :class:`MiMSlicerError`, the one exception users see
+``volumes``            volume node <-> file (MRML storage node), IJK-to-RAS, transforms
+``segmentations``      segmentation node <-> label map file, segment names <-> labels
+``jobs``               :class:`Job`: one ``mimcore`` child process, its events, cancel
+``library``            the local model library and registries, read without torch
+``preview``            ``mim reconstruct`` outputs -> volume nodes in subject-hierarchy folders
+``tasks``              :class:`Task`: a user-level operation (jobs + building the result)
+``logic``              :class:`MiMSlicerLogic`: what the GUI calls
+``dependencies``       installing torch / MONAI inside Slicer
+=====================  =================================================================
+
+Nothing is imported here, so that ``from MiMSlicerLib import dependencies`` stays cheap.
+"""

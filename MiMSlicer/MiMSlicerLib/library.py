@@ -1,0 +1,212 @@
+"""The local model library and model registries, as the GUI sees them (no torch import).
+
+The library is the folder ``mimcore`` uses (``mimcore.bundles.library``): ``$MIM_MODELS_DIR``
+if set, else ``platformdirs.user_data_dir("mimcore")/models``; one sub-folder per model,
+named after it, holding ``model.json`` and ``weights.safetensors``; hidden entries
+(``.cache``, ``.add-*``) are not models.
+
+Reading is done here, from ``model.json`` alone: listing models must be instant in the
+GUI, and ``mimcore.bundles`` imports torch (seconds, and GPU libraries in the GUI
+process). Adding a model (copy, verify sha256, maybe download) is ``mim models add`` in
+a child process, which owns the rules of the library.
+
+A model entry (:func:`read_model`) is a dict::
+
+    {"name": "liver-v2",            # library name (the folder's)
+     "title": "liver-v2",           # model.json "name"
+     "path": "/.../models/liver-v2",
+     "labels": ["liver", ...],      # label names in value order
+     "label_table": [{"value": 1, "name": "liver", "color": [r, g, b]}, ...],
+     "preset": "small", "architecture": "mim-seg",
+     "error": None}                 # or why the entry is unusable (then labels are [])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from MiMSlicerLib.errors import MiMSlicerError
+from MiMSlicerLib.jobs import Job, default_python
+
+ENV_LIBRARY = "MIM_MODELS_DIR"
+ENV_REGISTRY = "MIM_MODEL_REGISTRY"
+DESCRIPTION_FILE = "model.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")  # mimcore's rule for library names
+
+
+def default_library_dir() -> Path:
+    """``$MIM_MODELS_DIR``, else the per-user data folder mimcore uses."""
+    if os.environ.get(ENV_LIBRARY):
+        return Path(os.environ[ENV_LIBRARY]).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        raise MiMSlicerError("The Python package 'platformdirs' (a mimcore requirement) is missing, so the default "
+                             "model library folder is unknown: install the module's Python packages, or set "
+                             f"{ENV_LIBRARY} to a folder.") from None
+    return Path(platformdirs.user_data_dir("mimcore")) / "models"
+
+
+def slugify(name: str) -> str:
+    """A valid library name made from any text (mimcore's rule): ``"Liver (v2)"`` -> ``"Liver-v2"``."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(name)).strip("-.")[:100]
+    return slug or "model"
+
+
+def _description(text: str, where: str) -> dict:
+    try:
+        desc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MiMSlicerError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(desc, dict) or not isinstance(desc.get("labels"), list):
+        raise MiMSlicerError(f"{where} is not a model description (no 'labels' list).")
+    for i, label in enumerate(desc["labels"]):
+        if not isinstance(label, dict) or not isinstance(label.get("value"), int) or not label.get("name"):
+            raise MiMSlicerError(f"{where}: labels[{i}] needs an integer 'value' and a 'name'.")
+    return desc
+
+
+def _entry(name: str, path: Path, desc: dict) -> dict:
+    labels = sorted(desc["labels"], key=lambda lb: lb["value"])
+    arch = desc.get("architecture") or {}
+    return {"name": name, "title": desc.get("name", name), "path": str(path),
+            "labels": [str(lb["name"]) for lb in labels],
+            "label_table": [{"value": int(lb["value"]), "name": str(lb["name"]),
+                             "color": [int(c) for c in lb.get("color") or []] or None} for lb in labels],
+            "preset": arch.get("preset"), "architecture": arch.get("kind"), "error": None}
+
+
+def read_model(path: str | os.PathLike, name: str | None = None) -> dict:
+    """The entry of a bundle folder, its ``model.json`` or a ``.zip`` of it (see module doc).
+    Raises MiMSlicerError if it is not a readable bundle description."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        file = path / DESCRIPTION_FILE
+        if not file.is_file():
+            raise MiMSlicerError(f"{path} is not a model bundle: it has no {DESCRIPTION_FILE}.")
+        return _entry(name or path.name, path, _description(file.read_text(encoding="utf-8"), str(file)))
+    if path.is_file() and path.name == DESCRIPTION_FILE:
+        return _entry(name or path.parent.name, path.parent, _description(path.read_text(encoding="utf-8"), str(path)))
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == DESCRIPTION_FILE]
+            if not members:
+                raise MiMSlicerError(f"{path} is a zip without a {DESCRIPTION_FILE}: not a model bundle.")
+            text = zf.read(min(members, key=len)).decode("utf-8")
+        return _entry(name or path.stem, path, _description(text, f"{path}:{DESCRIPTION_FILE}"))
+    raise MiMSlicerError(f"No model bundle at {path}: expected a folder with {DESCRIPTION_FILE}, the file itself, "
+                         "or a .zip of the folder.")
+
+
+def list_models(library: str | os.PathLike) -> list[dict]:
+    """The entries of every model in the library folder, sorted by name; an unreadable
+    one has ``error`` set and no labels."""
+    library = Path(library)
+    if not library.is_dir():
+        return []
+    rows = []
+    for folder in sorted(p for p in library.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            rows.append(read_model(folder))
+        except (MiMSlicerError, OSError, UnicodeDecodeError) as e:
+            rows.append({"name": folder.name, "title": None, "path": str(folder), "labels": [], "label_table": [],
+                         "preset": None, "architecture": None, "error": str(e)})
+    return rows
+
+
+def find_model(model, library: str | os.PathLike) -> dict:
+    """The entry of ``model``: a library name, a bundle path (folder, model.json, .zip), or an
+    entry dict (as :func:`list_models` returns). A library name wins over a same-named folder."""
+    library = Path(library)
+    if isinstance(model, dict):
+        model = model.get("path") or model.get("name")
+    if not model:
+        raise MiMSlicerError("No model selected: choose a model from the library, or add one.")
+    text = str(model)
+    if NAME_PATTERN.match(text) and (library / text).is_dir():
+        entry = read_model(library / text)
+    elif Path(text).expanduser().exists():
+        entry = read_model(text)
+    else:
+        names = [m["name"] for m in list_models(library)]
+        have = f"the library {library} has: {', '.join(names)}" if names else f"the library {library} is empty"
+        raise MiMSlicerError(f"No model named '{text}' in the library and no such file or folder; {have}. "
+                             "Add the model first (Add from file / from registry).")
+    if not entry["label_table"]:
+        raise MiMSlicerError(f"The model '{entry['name']}' has no labels; it cannot segment anything.")
+    return entry
+
+
+def registry_entries(registry: str | os.PathLike) -> list[dict]:
+    """The ``models`` list of a registry JSON file (path, ``file://`` or ``http(s)://`` URL)."""
+    text = str(registry)
+    try:
+        if urllib.parse.urlsplit(text).scheme in ("http", "https", "file"):
+            with urllib.request.urlopen(text, timeout=30) as response:  # noqa: S310 (http/file URLs only)
+                raw = response.read().decode("utf-8")
+        else:
+            raw = Path(text).expanduser().read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise MiMSlicerError(f"Could not read the model registry {text} ({e}). Check the path or URL and the "
+                             "network connection.") from None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise MiMSlicerError(f"The model registry {text} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and m.get("name") for m in models):
+        raise MiMSlicerError(f"The model registry {text} must be a JSON object with a \"models\" list of "
+                             "{\"name\", \"url\", \"sha256\"} entries.")
+    return models
+
+
+def add_model(source: str, library: str | os.PathLike, name: str | None = None, registry: str | None = None,
+              overwrite: bool = False, python: str | None = None, env: dict | None = None,
+              timeout: float | None = None) -> str:
+    """Add a bundle to the library with ``mim models add`` (a child process); returns its library name.
+
+    source: a bundle folder, model.json or .zip; or the name of a model in ``registry``
+            (a registry file or URL; default ``$MIM_MODEL_REGISTRY``), downloaded and
+            sha256-checked; or ``REGISTRY#NAME`` (e.g. ``https://host/models.json#liver``).
+    Blocks until the copy (or download) is done. Raises MiMSlicerError with mimcore's message.
+    """
+    library = Path(library)
+    source = str(source)
+    if "#" in source and not Path(source).expanduser().exists():
+        registry, source = source.rsplit("#", 1)
+    argv = ["models", "add", source, "--library", str(library), "--quiet"]
+    if registry:
+        argv += ["--registry", str(registry)]
+    if name:
+        argv += ["--name", name]
+    if overwrite:
+        argv.append("--overwrite")
+    before = {m["name"] for m in list_models(library)}
+    job = Job(argv, python=python or default_python(), env=env)
+    try:
+        proc = subprocess.run(job.command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              env=job.environment(), timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise MiMSlicerError(f"Adding '{source}' to the model library did not finish within {timeout:.0f} s.") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        errors = [ln.split("mim: error: ", 1)[1] for ln in lines if ln.startswith("mim: error: ")]
+        detail = errors[-1] if errors else "\n".join(lines[-20:]) or f"exit code {proc.returncode}"
+        raise MiMSlicerError(f"Could not add '{source}' to the model library: {detail}")
+    added = re.search(r"Added '([^']+)' to the model library", proc.stdout)
+    if added:
+        return added.group(1)
+    new = sorted({m["name"] for m in list_models(library)} - before)
+    if len(new) == 1:
+        return new[0]
+    if name:
+        return name
+    raise MiMSlicerError(f"'mim models add {source}' succeeded but did not say under which name; "
+                         f"look in {library}.")

@@ -195,7 +195,8 @@ def test_add_from_a_registry_over_http(tmp_path, served, library):
     path = add_model("liver", registry=f"{base}/registry.json", progress=False)
     assert path == library / "liver"
     assert same(get_model("liver").state_dict(), weights(3))
-    assert not list((library / ".cache" / "downloads").iterdir())  # the zip is not kept
+    kept = [p.name for p in (library / ".cache" / "downloads").iterdir() if not p.name.endswith(".lock")]
+    assert kept == []  # the zip is not kept (only the empty lock file of its download)
 
     with pytest.raises(MimError, match="sha256 .* expected 0{64}"):
         add_model("corrupt", registry=f"{base}/registry.json", progress=False)
@@ -238,6 +239,15 @@ def test_cli_models_round_trip(tmp_path, library):
     r = mim("add", str(src), "--library", str(other), library=library)
     assert r.returncode == 0, r.stderr
     assert visible(other) == ["liver-model"]
+    r = mim("add", str(src), "--name", "again", "--json", "--library", str(other), library=library)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"event": "done", "name": "again", "path": str(other / "again")}
+
+    # listing reads model.json files only: a GUI process can do it without importing torch
+    code = ("import sys; from mimcore.bundles.library import list_models; "
+            f"print(len(list_models({str(other)!r})), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "False"]
 
     r = mim("list", library=library)
     assert r.returncode == 0

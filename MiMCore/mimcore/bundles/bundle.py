@@ -39,9 +39,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from mimcore.errors import MimError
 from mimcore.files import atomic_write, sha256_file
@@ -114,6 +112,8 @@ class Bundle:
         """The weights as ``{name: tensor}`` (safetensors; sha256 checked on every call)."""
         path = self._checked_weights()
         try:
+            from safetensors.torch import load_file
+
             return load_file(str(path), device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise MimError(f"{path} is not a valid safetensors file ({e}); re-export or re-download the bundle") from None
@@ -210,6 +210,8 @@ def _is_plain_name(name: str) -> bool:
 
 def _prepare_tensors(state_dict: dict) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors; tensors sharing storage are cloned (safetensors refuses shared memory)."""
+    import torch  # here: reading descriptions and listing the library need no torch
+
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for key, value in state_dict.items():
@@ -236,6 +238,8 @@ def _fsync(path: Path) -> None:
 def _write_bundle_files(folder: Path, tensors: dict[str, torch.Tensor], description: dict) -> dict:
     """Write weights + model.json into ``folder``; returns the completed description."""
     weights = folder / WEIGHTS_FILE
+    from safetensors.torch import save_file
+
     save_file(tensors, str(weights), metadata={"format": BUNDLE_FORMAT})
     _fsync(weights)
     desc = dict(description)

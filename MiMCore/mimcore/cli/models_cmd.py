@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Registry JSON to look SOURCE up in (default: $MIM_MODEL_REGISTRY).")
     p.add_argument("--overwrite", action="store_true", help="Replace a model of the same name.")
     p.add_argument("--quiet", action="store_true", help="No download progress bar.")
+    p.add_argument("--json", action="store_true",
+                   help="Print the result as one JSON line {\"event\": \"done\", \"name\", \"path\"} (for programs).")
     p.set_defaults(func=_add)
 
     p = sub.add_parser("remove", parents=[common], help="Delete a model from the library.")
@@ -102,7 +104,10 @@ def _add(args: argparse.Namespace) -> int:
 
     path = add_model(args.source, name=args.name, registry=args.registry, progress=not args.quiet,
                      overwrite=args.overwrite, library=args.library)
-    print(f"Added {path.name!r} to the model library: {path}")
+    if args.json:
+        print(json.dumps({"event": "done", "name": path.name, "path": str(path)}), flush=True)
+    else:
+        print(f"Added {path.name!r} to the model library: {path}")
     return 0
 
 

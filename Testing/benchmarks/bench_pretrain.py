@@ -36,12 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from bench_common import machine_info, sync
 
 RESULT_TAG = "@@BENCH_RESULT@@ "
 
@@ -54,12 +55,6 @@ VOLUMES_PER_CROP = 1 + 4 + 16
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _autocast(device: str):
@@ -99,48 +94,17 @@ def matmul_rate(device: str, n: int = 2048, repeats: int = 5) -> dict:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     del a, b
     best = min(times)
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "best_s": best,
             "median_s": statistics.median(times), "flops_per_s": 2 * n**3 / best}
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        import monai
-
-        info["monai"] = monai.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
 
 
 # ----------------------------------------------------------------------------- child mode
@@ -217,7 +181,7 @@ def _build(config: str, device: str, seed: int):
         with _autocast(device):
             loss = loss_fn()
         loss.backward()
-        _sync(device)
+        sync(device)
         return float(loss.detach())
 
     return model, step, desc

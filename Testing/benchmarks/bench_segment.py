@@ -91,12 +91,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import machine_info, sync
 
 RESULT_TAG = "@@BENCH_RESULT@@ "
 N_CLASSES = 14
@@ -113,12 +114,6 @@ MIB = 2**20
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _status_kib(key: str) -> float | None:
@@ -144,39 +139,6 @@ def _reset_peak_rss() -> bool:
 
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-        if hasattr(os, "sysconf") else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        import monai
-
-        info["monai"] = monai.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def big_volume():
@@ -240,10 +202,10 @@ def make_probe(net, device):
             if self.real_left is None or self.real_left > 0 or self.out_dtype is None:
                 if self.real_left is not None:
                     self.real_left -= 1
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 y = self.net(x)
-                _sync(device)
+                sync(device)
                 self.times.append(time.perf_counter() - t0)
                 self.windows_real += x.shape[0]
                 self.out_dtype, self.out_channels = y.dtype, y.shape[1]
@@ -352,7 +314,7 @@ def run_ours(preset: str, case: str, device, args) -> dict:
     # warm-up: one batch through the real per-window function (autocast, softmax)
     t0 = time.perf_counter()
     win._predict(torch.zeros(args.sw_batch, 1, roi, roi, roi))
-    _sync(seg.device)
+    sync(seg.device)
     warmup_s = time.perf_counter() - t0
     mode, est = _decide_mode(label, windows_planned, warmup_s / args.sw_batch, args)
     probe.reset_stats()
@@ -374,7 +336,7 @@ def run_ours(preset: str, case: str, device, args) -> dict:
         def inner(*a, **k):
             t = time.perf_counter()
             r = fn(*a, **k)
-            _sync(seg.device)
+            sync(seg.device)
             parts[key] += time.perf_counter() - t
             if key == "prep_s":
                 shapes["model_space"] = list(r.shape[1:])
@@ -390,7 +352,7 @@ def run_ours(preset: str, case: str, device, args) -> dict:
     mem0 = _mem_before_run(seg.device)
     t0 = time.perf_counter()
     labels = seg.segment(vol)
-    _sync(seg.device)
+    sync(seg.device)
     e2e = time.perf_counter() - t0
     mem = _mem_after_run(seg.device, mem0)
     if labels.shape != vol.shape:  # the path's own contract; reported as an error row, not a target
@@ -445,7 +407,7 @@ def run_swin(case: str, device, args) -> dict:
 
     t0 = time.perf_counter()
     predictor(torch.zeros(args.sw_batch, 1, roi, roi, roi, device=dev))
-    _sync(dev)
+    sync(dev)
     warmup_s = time.perf_counter() - t0
     windows_planned = count_windows(tuple(int(n) for n in _ras_shape(vol)), roi, args.overlap)
     mode, est = _decide_mode(label, windows_planned, warmup_s / args.sw_batch, args)
@@ -466,7 +428,7 @@ def run_swin(case: str, device, args) -> dict:
                                        device=torch.device("cpu"))
         labels = out[0].argmax(0).numpy().astype(np.uint8)
         del out
-    _sync(dev)
+    sync(dev)
     parts["sw_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     grid = labels_to_grid(labels, np.asarray(img.affine, dtype=np.float64), vol)

@@ -1,0 +1,52 @@
+"""What both benchmark scripts share: the machine's description and device sync.
+
+The scripts run as ``python Testing/benchmarks/bench_*.py``, so this folder is on
+``sys.path`` and ``import bench_common`` finds this file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def sync(device) -> None:
+    """Wait for queued CUDA work (timings); nothing to do on the CPU."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory, library versions and the GPU, for the printed report."""
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        if hasattr(os, "sysconf") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info

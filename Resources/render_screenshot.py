@@ -52,7 +52,7 @@ def mim(*args: str) -> str:
 def train_and_segment(work: Path, steps: int, labels: str, model: str | None) -> tuple[Path, Path, str]:
     """Returns (CT file, .seg.nrrd file, caption text)."""
     datalist = Path(mim("data", "samples", "--quiet").strip().splitlines()[-1])
-    data = json.loads(datalist.read_text())
+    data = json.loads(datalist.read_text(encoding="utf-8"))
     base = datalist.parent
     # example_ct.nii.gz (112 slices); the labelled example_ct_sm.nii.gz is 30 of its slices
     target = base / data["pretraining"][0]["image"]
@@ -75,7 +75,7 @@ def train_and_segment(work: Path, steps: int, labels: str, model: str | None) ->
 
 def _caption(model: Path, target: Path) -> str:
     """What produced the picture, from the model bundle's own description."""
-    desc = json.loads((model / "model.json").read_text()) if (model / "model.json").is_file() else {}
+    desc = json.loads((model / "model.json").read_text(encoding="utf-8")) if (model / "model.json").is_file() else {}
     arch, train = desc.get("architecture", {}), desc.get("training", {})
     spacing = desc.get("preprocessing", {}).get("spacing")
     text = f"mim segment {target.name} with a '{arch.get('preset', '?')}' MiM network"

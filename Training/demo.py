@@ -37,7 +37,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     datalist = Path(mim("data", "samples", capture=True).strip().splitlines()[-1])
-    held_out = json.loads(datalist.read_text())["held_out"][0]["image"]
+    held_out = json.loads(datalist.read_text(encoding="utf-8"))["held_out"][0]["image"]
     run = out / "pretrain"
     resume = ["--resume"] if list(run.glob("checkpoint_*.json")) else []  # an interrupted demo continues
     mim("pretrain", "--datalist", str(datalist), "--preset", args.preset, "--steps", str(args.steps),
@@ -47,7 +47,7 @@ def main() -> int:
     mim("reconstruct", "--checkpoint", str(run), "--image", str(datalist.parent / held_out), "--output", str(recon))
 
     # --- segmentation: fine-tune on the CT series, segment and evaluate the other CT
-    data = json.loads(datalist.read_text())
+    data = json.loads(datalist.read_text(encoding="utf-8"))
     base = datalist.parent
     series = next(e for e in data["training"] if "dicom" in e["image"])
     other = next(e for e in data["training"] if "dicom" not in e["image"])
@@ -73,15 +73,15 @@ def main() -> int:
         "--labels", str(ft / "model"), "--out", str(seg_dir))
 
     minutes = (time.perf_counter() - t0) / 60
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = json.loads((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     print("\n=== MiM demo done in %.1f min ===" % minutes)
     print(f"sample data:        {datalist.parent}")
     print(f"pre-training run:   {run}  ({last['step']} steps, final loss {last['loss']:.4f})")
     print(f"loss curve (PNG):   {run / 'loss_curve.png'}")
     print(f"level sheet (PNG):  {recon / 'levels.png'}")
     print(f"level volumes:      {recon}/level1, level2, level3 (NIfTI, placed in the patient)")
-    evaluation = json.loads((seg_dir / "evaluation.json").read_text())
-    val = [json.loads(ln) for ln in (ft / "validation.jsonl").read_text().splitlines() if ln.strip()]
+    evaluation = json.loads((seg_dir / "evaluation.json").read_text(encoding="utf-8"))
+    val = [json.loads(ln) for ln in (ft / "validation.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
     print(f"fine-tuning run:    {ft}  ({args.finetune_steps} steps on the CT series, "
           f"Dice on it {val[-1]['dice']:.3f}; curves {ft / 'curves.png'})")
     print(f"model bundle:       {ft / 'model'}  (use it with `mim segment --model`)")

@@ -33,7 +33,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text durably (fsync) under a temporary name, then rename it into place."""
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,13 @@
-"""See what a pre-trained MiM model does: the three mask-in-mask levels of one crop,
-each written as hidden input / reconstruction / original volumes placed at their true
-position in the patient (``mim reconstruct``; methods.md section 1).
+"""See what a pre-trained model does: the three mask-in-mask levels of one crop for MiM, one
+masked crop for MAE, SimMIM and GMIM, each written as hidden input / reconstruction /
+original volumes placed at their true position in the patient (``mim reconstruct``;
+methods.md sections 1-3).
+
+Single-level methods (:func:`preview_level`): the crop is the network input (MAE, SimMIM;
+GMIM's input, not its larger pre-training region); the model's
+``reconstruct_preview(crop, generator)`` hides part of it and reconstructs it; the result
+is written as ``level1/vol00_*`` with the crop's own affine, so the outputs have the same
+layout as MiM's level 1 and the Slicer module shows them the same way.
 
 Steps (:func:`reconstruct`):
 
@@ -10,7 +17,7 @@ Steps (:func:`reconstruct`):
    with MONAI's ``BorderPadd``/``SpatialCropd``, so the crop's affine is tracked
    exactly (:func:`extract_crop`);
 3. build the levels (:func:`~mimcore.methods.mim.build_levels`, seeded) and reconstruct
-   each one in a single batch (:func:`predict_level`);
+   each one in a single batch (:func:`predict_level`; :func:`preview_level` for the other methods);
 4. write ``OUT/level{1,2,3}/volNN_{hidden,reconstruction,original}.nii.gz`` in HU, each
    with the affine that places it in the patient (:func:`level_affines`), a PNG sheet
    ``OUT/levels.png`` and ``OUT/summary.json``.
@@ -234,7 +241,8 @@ def _middle_axial(array: np.ndarray) -> np.ndarray:
     return array[:, :, array.shape[2] // 2].T
 
 
-def write_sheet(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]]) -> Path:
+def write_sheet(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]],
+                heading: str = "MiM levels") -> Path:
     """A PNG with one row per (title, {role: (X, Y, Z) HU array}); columns original/hidden/reconstruction."""
     import matplotlib
 
@@ -258,7 +266,7 @@ def write_sheet(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]]) -> Pa
                 ax.set_ylabel(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("MiM levels (middle axial slice; hidden tokens dark in 'hidden')", fontsize=10)
+    fig.suptitle(f"{heading} (middle axial slice; hidden regions dark in 'hidden')", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -309,6 +317,34 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def preview_level(out: dict, volume: torch.Tensor) -> tuple[LevelOutput, torch.Tensor]:
+    """A single-level method's ``reconstruct_preview(volume)`` output as one level.
+
+    ``volume`` (N, 1, S, S, S) is what was previewed (the original); ``out["reconstruction"]``
+    (same shape) the model's output and ``out["hidden_mask"]`` (same, or without the channel
+    axis) bool, True on hidden voxels. As for MiM, the reconstruction shown is the model's
+    output on hidden voxels and the original elsewhere, and the hidden input has hidden
+    voxels at the volume's minimum. The loss is the L1 error on hidden voxels in [0, 1]
+    units, one measure for every method (for MAE and SimMIM, their training loss).
+    Returns (the level, the hidden voxel mask (N, S, S, S)).
+    """
+    original = volume.detach().float().cpu()
+    pred = out["reconstruction"].detach().float().cpu()
+    mask = out["hidden_mask"].detach().cpu().bool()
+    if mask.dim() == original.dim() - 1:
+        mask = mask[:, None]
+    if pred.shape != original.shape or mask.shape != original.shape:
+        raise MimError(f"the model's preview of a {tuple(original.shape)} volume has shapes {tuple(pred.shape)} "
+                       f"and {tuple(mask.shape)}: it cannot be shown")
+    recon = torch.where(mask, pred, original)
+    err = (recon - original).abs()
+    per_volume = [float(err[i][mask[i]].mean()) if mask[i].any() else 0.0 for i in range(len(original))]
+    loss = float(err[mask].mean()) if mask.any() else 0.0
+    vmin = original.flatten(1).min(dim=1).values[:, None, None, None, None]
+    hidden_input = torch.where(mask, vmin.expand_as(original), original)
+    return LevelOutput(original[:, 0], hidden_input[:, 0], recon[:, 0], loss, per_volume), mask[:, 0]
+
+
 def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int = 0,
                 device: str | None = None,
                 progress: Callable[[int, int, dict], None] | None = None,
@@ -321,33 +357,52 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
     from mimcore.data.preprocess import Preprocessing
     from mimcore.data.volume_io import load_volume, save_volume
     from mimcore.methods.mim import build_levels
-    from mimcore.training.checkpoint import load_pretrained
+    from mimcore.methods.registry import METHOD_NAMES, checkpoint_method, load_pretrain_checkpoint
 
     dev = pick_device(device)
-    model, meta = load_pretrained(Path(checkpoint))
+    model, meta = load_pretrain_checkpoint(Path(checkpoint))
     model.eval().to(dev)
-    cfg = model.model_cfg
+    method, backbone = checkpoint_method(meta)
+    is_mim = method == "mim"
+    if is_mim:
+        size = model.model_cfg.crop_size
+    else:  # the network input (GMIM: not its larger pre-training region)
+        size = int(getattr(model, "input_size", None) or model.cfg.input_size)
     prep = Preprocessing(**meta.get("preprocessing", {}))
     out = (Path(output_dir).expanduser() if output_dir is not None else default_output_dir(image)).resolve()
 
     volume = load_volume(image)
-    crop = extract_crop(volume, cfg.crop_size, prep, center_ras)
+    crop = extract_crop(volume, size, prep, center_ras)
     if crop.padded_fraction > 0 and notice is not None:
-        notice(f"the {cfg.crop_size}^3 crop around {_fmt(crop.center_ras)} extends beyond the volume: "
+        notice(f"the {size}^3 crop around {_fmt(crop.center_ras)} extends beyond the volume: "
                f"{100 * crop.padded_fraction:.1f}% of it is padding (value {prep.hu_min:g} HU, air). "
                "Move --center inside to avoid it.")
     gen = torch.Generator().manual_seed(int(seed))
-    levels = build_levels(crop.tensor[None].to(dev), cfg, model.cfg, generator=gen)
-    affines = level_affines(crop.affine, levels.octants[0].cpu().numpy(), levels.blocks.cpu().numpy(),
-                            cfg.input_size, cfg.patch_size)
-    octants = levels.octants[0].cpu().tolist()
-    blocks = levels.blocks.cpu().tolist()
-    n3 = len(blocks[0]) if blocks else 0
+    if is_mim:
+        cfg = model.model_cfg
+        levels = build_levels(crop.tensor[None].to(dev), cfg, model.cfg, generator=gen)
+        affines = level_affines(crop.affine, levels.octants[0].cpu().numpy(), levels.blocks.cpu().numpy(),
+                                cfg.input_size, cfg.patch_size)
+        octants = levels.octants[0].cpu().tolist()
+        blocks = levels.blocks.cpu().tolist()
+        n3 = len(blocks[0]) if blocks else 0
+        total = len(levels.volumes)
+
+        def results():
+            for vol, hid in zip(levels.volumes, levels.hidden):
+                yield predict_level(model, vol, hid, model.cfg.norm_pix_eps), hid.cpu()
+    else:
+        octants, blocks, n3, total = [], [], 0, 1
+        with torch.no_grad():
+            preview = model.reconstruct_preview(crop.tensor[None].to(dev), gen)
+        single, voxel_mask = preview_level(preview, crop.tensor[None])
+        affines = [[crop.affine]]
+
+        def results():
+            yield single, voxel_mask
 
     summary_levels, files, level_dirs, losses, sheet_rows = [], [], [], [], []
-    total = len(levels.volumes)
-    for li, (vol, hid) in enumerate(zip(levels.volumes, levels.hidden), start=1):
-        res = predict_level(model, vol, hid, model.cfg.norm_pix_eps)
+    for li, (res, hid) in enumerate(results(), start=1):
         folder = out / f"level{li}"
         level_dirs.append(folder)
         losses.append(res.loss)
@@ -356,8 +411,11 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
             arrays = {"hidden": _to_hu(res.hidden_input[v], prep),
                       "reconstruction": _to_hu(res.reconstruction[v], prep),
                       "original": _to_hu(res.original[v], prep)}
-            entry = {"index": v, "loss": res.volume_losses[v], "affine": affines[li - 1][v].tolist(),
-                     "hidden_tokens": int(hid[v].sum()), "tokens": int(hid.shape[1]), "files": {}}
+            entry = {"index": v, "loss": res.volume_losses[v], "affine": affines[li - 1][v].tolist(), "files": {}}
+            if is_mim:
+                entry.update(hidden_tokens=int(hid[v].sum()), tokens=int(hid.shape[1]))
+            else:
+                entry["hidden_fraction"] = float(hid[v].float().mean())
             if li == 2:
                 entry["octant"] = octants[v]
             elif li == 3:
@@ -371,20 +429,23 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
                 sheet_rows.append((f"level {li}" + (f" vol{v:02d}" if li > 1 else "") + f", loss {res.loss:.3f}",
                                    arrays))
         summary_levels.append({"level": li, "folder": f"level{li}", "loss": res.loss,
-                               "hidden_level1_octants": sorted(octants) if li == 1 else None,
+                               "hidden_level1_octants": sorted(octants) if li == 1 and is_mim else None,
                                "volumes": entries})
         if progress is not None:
             progress(li, total, {f"l{li}": res.loss})
 
-    sheet = write_sheet(out / "levels.png", sheet_rows)
+    name = METHOD_NAMES.get(method, method)
+    sheet = write_sheet(out / "levels.png", sheet_rows, "MiM levels" if is_mim else f"{name} reconstruction")
     lo, hi = crop.bounds
     summary = {
         "checkpoint": str(checkpoint),
         "image": str(image),
+        "method": method,
+        "backbone": backbone,
         "seed": int(seed),
         "center_ras_requested": None if center_ras is None else [float(x) for x in center_ras],
         "crop": {
-            "size": cfg.crop_size,
+            "size": size,
             "center_ras": crop.center_ras.tolist(),
             "affine": crop.affine.tolist(),
             "ras_bounds": {"min": lo.tolist(), "max": hi.tolist()},
@@ -392,8 +453,9 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
         },
         "volume_ras_bounds": {"min": crop.volume_bounds[0].tolist(), "max": crop.volume_bounds[1].tolist()},
         "preprocessing": prep.to_dict(),
-        "model": cfg.to_dict(),
-        "units": "HU (inverse of the preprocessing window); losses are norm-pix MSE on hidden tokens",
+        "model": model.model_cfg.to_dict() if is_mim else meta.get("model"),
+        "units": "HU (inverse of the preprocessing window); losses are " +
+                 ("norm-pix MSE on hidden tokens" if is_mim else "L1 on hidden voxels, in [0, 1] window units"),
         "losses": {f"l{i}": v for i, v in enumerate(losses, start=1)},
         "levels": summary_levels,
         "sheet": "levels.png",

@@ -133,7 +133,7 @@ def test_save_replaces_a_bundle_but_never_other_folders(tmp_path):
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(MimError, match="not a model bundle"):
         save_bundle(precious, {"a": torch.ones(2)}, description())
-    assert (precious / "notes.txt").read_text() == "keep me"
+    assert (precious / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def test_save_refuses_bad_input_before_writing(tmp_path):
@@ -173,7 +173,7 @@ def test_tampered_or_missing_weights_are_refused(tmp_path):
 
 def test_truncated_or_missing_model_json_is_refused(tmp_path):
     dest = save_bundle(tmp_path / "model", state_dict(), description())
-    text = (dest / "model.json").read_text()
+    text = (dest / "model.json").read_text(encoding="utf-8")
     (dest / "model.json").write_text(text[: len(text) // 2])
     with pytest.raises(MimError, match=r"model.json is not valid JSON .*line \d+.*damaged or incomplete"):
         load_bundle(dest)
@@ -186,7 +186,7 @@ def test_truncated_or_missing_model_json_is_refused(tmp_path):
 
 def test_missing_key_names_the_key_and_the_file(tmp_path):
     dest = save_bundle(tmp_path / "model", state_dict(), description())
-    d = json.loads((dest / "model.json").read_text())
+    d = json.loads((dest / "model.json").read_text(encoding="utf-8"))
     del d["labels"]
     (dest / "model.json").write_text(json.dumps(d))
     with pytest.raises(MimError) as err:
@@ -310,7 +310,7 @@ def test_pickles_are_refused_without_being_run(tmp_path):
     # a pickle posing as the weights file of a well-formed bundle (sha256 and size match)
     folder = save_bundle(tmp_path / "model", state_dict(), description())
     (folder / "weights.safetensors").write_bytes(raw.read_bytes())
-    d = json.loads((folder / "model.json").read_text())
+    d = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     d["weights"].update(sha256=sha256_file(raw), size=raw.stat().st_size)
     (folder / "model.json").write_text(json.dumps(d))
     with pytest.raises(MimError, match="not a valid safetensors file"):
@@ -519,7 +519,7 @@ def test_monai_export_parses_and_runs(tmp_path):
     out = export_monai_bundle(bundle, tmp_path / "monai_bundle")
     for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md"):
         assert (out / rel).is_file(), rel
-    meta = json.loads((out / "configs/metadata.json").read_text())
+    meta = json.loads((out / "configs/metadata.json").read_text(encoding="utf-8"))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver",
                                                                               "2": "spleen"}
 

@@ -281,13 +281,13 @@ def test_reports_are_strict_json_and_csv_without_nan(tmp_path):
     result = evaluate_files(pair_files(pred_dir, ref_dir), LABELS)
     write_json(tmp_path / "out" / "e.json", result)
     write_csv(tmp_path / "out" / "e.csv", result)
-    text = (tmp_path / "out" / "e.json").read_text()
+    text = (tmp_path / "out" / "e.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     data = json.loads(text)
     assert data["cases"][0]["classes"][2]["dice"] is None
     rows = list(csv.DictReader(open(tmp_path / "out" / "e.csv")))
     assert len(rows) == 6 and rows[2]["status"] == "absent_in_both" and rows[2]["dice"] == ""
-    assert csv_text(result) == (tmp_path / "out" / "e.csv").read_text()
+    assert csv_text(result) == (tmp_path / "out" / "e.csv").read_text(encoding="utf-8")
     table = format_summary(result)
     assert "1 liver" in table and "0.8750 ± 0.1250 (2)" in table and "0.40 ± 0.40 (2)" in table
 
@@ -313,7 +313,7 @@ def test_cli_on_folders_with_a_labels_file(tmp_path):
         ("case_a", "liver", "ok"), ("case_a", "spleen", "ok"), ("case_b", "liver", "ok"), ("case_b", "spleen", "ok")]
     assert float(rows[2]["dice"]) == pytest.approx(0.75) and float(rows[1]["hd95_mm"]) == pytest.approx(1.6)
     assert float(rows[0]["ref_volume_ml"]) == pytest.approx(64 * 0.8 * 1.1 * 2.5 / 1000)
-    data = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    data = json.loads((tmp_path / "eval" / "evaluation.json").read_text(encoding="utf-8"))
     assert data["labels"][0] == {"value": 1, "name": "liver", "color": [221, 130, 101]}
     assert data["summary"][0]["dice"]["mean"] == pytest.approx(0.875)
     assert data["summary"][1]["hd95_mm"] == {"mean": pytest.approx(1.6), "std": pytest.approx(0.0), "n": 2,
@@ -353,7 +353,7 @@ def test_cli_labels_from_a_model_bundle_and_inline(tmp_path, capsys):
         {"value": 1, "name": "liver", "color": [1, 2, 3]}, {"value": 3, "name": "kidney_left", "color": [4, 5, 6]}]}))
     assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--labels", str(bundle),
                  "--json", str(tmp_path / "b.json")]) == 0
-    data = json.loads((tmp_path / "b.json").read_text())
+    data = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
     assert [s["name"] for s in data["summary"]] == ["liver", "kidney_left"]
     assert data["notes"] == ["label values not in the label list were ignored: 2 (in 2 cases)"]
     assert "mim: note: label values not in the label list were ignored" in capsys.readouterr().err

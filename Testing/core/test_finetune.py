@@ -64,15 +64,15 @@ def test_resume_is_exact_and_events_carry_loss_dice_eta(tmp_path, cases, capsys)
     wb = load_file(tmp_path / "b" / "checkpoint_00000004.safetensors")
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
-    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
-    assert (tmp_path / "a" / "validation.jsonl").read_text() == (tmp_path / "b" / "validation.jsonl").read_text()
+    assert (tmp_path / "a" / "metrics.jsonl").read_text(encoding="utf-8") == (tmp_path / "b" / "metrics.jsonl").read_text(encoding="utf-8")
+    assert (tmp_path / "a" / "validation.jsonl").read_text(encoding="utf-8") == (tmp_path / "b" / "validation.jsonl").read_text(encoding="utf-8")
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
 
     bundle = load_bundle(tmp_path / "a" / "model")
     assert [(lab["value"], lab["name"]) for lab in bundle.labels] == [(1, "liver"), (2, "spleen")]
     assert bundle.description["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
     assert bundle.description["architecture"]["out_channels"] == 3
-    best = max(json.loads(ln)["dice"] for ln in (tmp_path / "a" / "validation.jsonl").read_text().splitlines())
+    best = max(json.loads(ln)["dice"] for ln in (tmp_path / "a" / "validation.jsonl").read_text(encoding="utf-8").splitlines())
     assert bundle.description["training"]["validation_dice"] == pytest.approx(best, abs=1e-4)
 
 

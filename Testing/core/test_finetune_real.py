@@ -38,7 +38,7 @@ def dice_in_world(pred_file, ref_file, pred_value: int, ref_value: int) -> float
 
 @pytest.fixture(scope="module")
 def overfit(sample_datalist, tmp_path_factory):
-    data = json.loads(sample_datalist.read_text())
+    data = json.loads(sample_datalist.read_text(encoding="utf-8"))
     base = sample_datalist.parent
     series = next(e for e in data["training"] if "dicom" in e["image"])
     root = tmp_path_factory.mktemp("overfit")

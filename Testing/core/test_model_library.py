@@ -92,7 +92,7 @@ def test_add_from_zip_and_model_json_with_names(tmp_path, library):
     src = save_bundle(tmp_path / "src", weights(2), description())
     add_model(src / "model.json", name="other")
     assert visible(library) == ["Liver-model-v2", "other"]
-    assert json.loads((src / "model.json").read_text())["name"] == "liver-model"  # source untouched
+    assert json.loads((src / "model.json").read_text(encoding="utf-8"))["name"] == "liver-model"  # source untouched
     with pytest.raises(MimError, match="not a valid model name"):
         add_model(src, name="../escape")
 
@@ -154,7 +154,7 @@ def test_export_zip_dir_monai(tmp_path):
     monai_dir = export_model("liver-model", tmp_path / "monai", fmt="monai")
     loaded = torch.load(monai_dir / "models" / "model.pt", weights_only=True)
     assert same(loaded, weights())
-    inference = json.loads((monai_dir / "configs" / "inference.json").read_text())
+    inference = json.loads((monai_dir / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert inference["network_def"] == {"_target_": "mimcore.models.segnet.build_segnet",
                                         "architecture": description()["architecture"]}
     with pytest.raises(MimError, match="unknown export format"):

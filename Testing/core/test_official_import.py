@@ -43,7 +43,7 @@ REFERENCE = Path(__file__).parent / "data" / REFERENCE_NAME
 
 @pytest.fixture(scope="module")
 def official_shapes() -> dict[str, list[int]]:
-    return json.loads(REFERENCE.read_text())["tensors"]
+    return json.loads(REFERENCE.read_text(encoding="utf-8"))["tensors"]
 
 
 @pytest.fixture(scope="module")

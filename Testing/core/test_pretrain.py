@@ -47,15 +47,15 @@ def test_resume_is_exact(tmp_path, ct_folder):
     w0 = load_file(tmp_path / "b" / "checkpoint_00000002.safetensors")
     changed = sum(not np.array_equal(w0[k], wa[k]) for k in wa)
     assert changed > len(wa) // 2, "training did not change the weights"
-    ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ma = (tmp_path / "a" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    mb = (tmp_path / "b" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert ma == mb and len(ma) == 4
     assert (tmp_path / "b" / "loss_curve.png").stat().st_size > 1000
 
 
 def test_checkpoint_is_complete_and_verified(tmp_path, ct_folder, capsys):
     assert pretrain(tmp_path, ct_folder, "--steps", "1") == 0
-    meta = json.loads((tmp_path / "checkpoint_00000001.json").read_text())
+    meta = json.loads((tmp_path / "checkpoint_00000001.json").read_text(encoding="utf-8"))
     assert meta["preset"] == "tiny" and meta["step"] == 1 and meta["model"]["input_size"] == 32
     assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS"}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
@@ -127,7 +127,7 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path, ct_folder):
     done = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"event": "done"')]
     assert sorted(d["rank"] for d in done) == [0, 1]
     assert done[0]["weights_sha256"] == done[1]["weights_sha256"]
-    meta = json.loads((tmp_path / "checkpoint_00000003.json").read_text())
+    meta = json.loads((tmp_path / "checkpoint_00000003.json").read_text(encoding="utf-8"))
     assert meta["world_size"] == 2 and meta["effective_batch"] == 2
 
 
@@ -138,7 +138,7 @@ def test_recipe_config_sets_defaults_and_accumulation(tmp_path, ct_folder):
                                                                  "weight-decay": 0.01, "steps": 50}}))
     assert main(["pretrain", "--config", str(recipe), "--data-dir", str(ct_folder), "--output", str(tmp_path / "r"),
                  "--steps", "1", "--warmup-steps", "0", "--progress", "none", "--no-tensorboard"]) == 0
-    meta = json.loads((tmp_path / "r" / "checkpoint_00000001.json").read_text())
+    meta = json.loads((tmp_path / "r" / "checkpoint_00000001.json").read_text(encoding="utf-8"))
     assert meta["args"]["accum"] == 2 and meta["effective_batch"] == 2
     assert meta["args"]["steps"] == 1 and meta["args"]["weight_decay"] == 0.01 and meta["preset"] == "tiny"
     assert meta["lr"] == pytest.approx(5e-4 * 2 / 256)

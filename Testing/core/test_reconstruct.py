@@ -97,7 +97,7 @@ def result(setup):
     rc = main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]),
                "--center", *[f"{v:.6f}" for v in setup["center"]], "--output", str(out), "--seed", "3"])
     assert rc == 0
-    return out, json.loads((out / "summary.json").read_text())
+    return out, json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def expected_crop_affine(center: np.ndarray, crop: int) -> np.ndarray:
@@ -240,7 +240,7 @@ def test_padding_near_the_edge(setup, capsys):
                "--center", *map(str, corner), "--output", str(out)])
     assert rc == 0
     assert "padding" in capsys.readouterr().err
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert 0.5 < summary["crop"]["padded_fraction"] < 1.0
     crop_affine = np.array(summary["crop"]["affine"])
     vol = load_volume(out / summary["levels"][0]["volumes"][0]["files"]["original"])

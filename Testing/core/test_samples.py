@@ -50,7 +50,7 @@ def test_fetch_writes_verified_files(fresh):
         assert sha256_file(root / SAMPLE_DIRNAME / rel) == sha, rel
     assert len(list((root / SAMPLE_DIRNAME / "example_ct_dicom").iterdir())) == 20
     assert [p.name for p in root.iterdir()] == [SAMPLE_DIRNAME]  # no temp leftovers
-    labels = json.loads((root / SAMPLE_DIRNAME / "labels_total.json").read_text())
+    labels = json.loads((root / SAMPLE_DIRNAME / "labels_total.json").read_text(encoding="utf-8"))
     assert len(labels) == 118 and labels["0"] == "background" and labels["1"] == "spleen"
     assert labels["117"] == "costal_cartilages"
 
@@ -183,7 +183,7 @@ def test_label_names_are_parsed_without_running_code(tmp_path):
 
 
 def test_datalist_sections_and_paths(sample_datalist):
-    data = json.loads(sample_datalist.read_text())
+    data = json.loads(sample_datalist.read_text(encoding="utf-8"))
     assert data["labels"]["0"] == "background" and len(data["labels"]) == 118
     assert [e["image"] for e in data["training"]] == ["example_ct_sm.nii.gz", "example_ct_dicom"]
     assert [e["image"] for e in data["held_out"]] == ["aorta_report/example_ct.nii.gz"]
@@ -206,7 +206,7 @@ def test_datalist_entries_reports_missing_files(tmp_path):
 
 
 def test_label_maps_hold_the_expected_classes(sample_datalist):
-    data = json.loads(sample_datalist.read_text())
+    data = json.loads(sample_datalist.read_text(encoding="utf-8"))
     counts = []
     for entry in datalist_entries(sample_datalist, "training"):
         values = np.unique(load_volume(entry["label"]).array).astype(int)

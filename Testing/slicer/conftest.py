@@ -49,7 +49,7 @@ def sample_ct(sample_datalist) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def small_datalist(sample_datalist, sample_ct, tmp_path_factory) -> Path:
     """A datalist of the one small labelled sample case (the DICOM case would take minutes)."""
-    names = json.loads(Path(sample_datalist).read_text())["labels"]
+    names = json.loads(Path(sample_datalist).read_text(encoding="utf-8"))["labels"]
     path = tmp_path_factory.mktemp("datalist") / "small.json"
     path.write_text(json.dumps({"labels": names, "training": [{"image": str(sample_ct["image"]),
                                                               "label": str(sample_ct["label"])}]}))
@@ -112,7 +112,7 @@ def group_processes(pgid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()  # state ppid pgrp ...
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":

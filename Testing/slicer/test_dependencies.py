@@ -56,7 +56,7 @@ def test_requirements_match_mimcore_pyproject():
     """mimcore ships inside the extension without pip, so its dependencies must all be in
     requirements.txt with the same version ranges (bar the documented optional ones)."""
     declared = {canonicalize_name(Requirement(d).name): Requirement(d)
-                for d in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]}
+                for d in tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["dependencies"]}
     ours = {canonicalize_name(r.name): r for r in deps.load_requirements()}
     missing = set(declared) - set(ours) - OPTIONAL_IN_SLICER
     assert not missing, f"in MiMCore/pyproject.toml but not in {REQUIREMENTS.name}: {sorted(missing)}"
@@ -69,7 +69,7 @@ def test_requirements_match_mimcore_pyproject():
 def _imports(path: Path):
     """(top-level import name, dotted name, guarded by try/except ImportError) for every
     absolute import in a file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     guarded_nodes = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try):

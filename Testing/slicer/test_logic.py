@@ -98,7 +98,7 @@ def test_segment_the_sample_ct_onto_its_exact_grid(segmented, tiny_model, models
     assert node.IsA("vtkMRMLSegmentationNode") and node.GetScene() is volume.GetScene()
     assert node.GetName() == "sample CT - tiny-sample"
     assert [name for _, name in segments(node)] == LABELS
-    model = json.loads((Path(models_dir) / "tiny-sample" / "model.json").read_text())
+    model = json.loads((Path(models_dir) / "tiny-sample" / "model.json").read_text(encoding="utf-8"))
     seg = node.GetSegmentation()
     for (segment_id, _), label in zip(segments(node), model["labels"]):
         segment = seg.GetSegment(segment_id)

@@ -62,7 +62,7 @@ def _strip_cmake_comment(line: str) -> str:
 def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
     """(command name lower-cased, arguments) of a CMake file: comments dropped, quoted
     arguments unquoted. Enough for the plain files here (no nested parentheses in args)."""
-    text = "\n".join(_strip_cmake_comment(line) for line in path.read_text().splitlines())
+    text = "\n".join(_strip_cmake_comment(line) for line in path.read_text(encoding="utf-8").splitlines())
     commands = []
     for match in re.finditer(r"(\w+)\s*\(((?:[^()\"]|\"[^\"]*\")*)\)", text):
         args = [a[1:-1] if a.startswith('"') else a for a in re.findall(r'"[^"]*"|[^\s"]+', match.group(2))]
@@ -112,7 +112,7 @@ def module_sets():
 
 @pytest.fixture(scope="module")
 def entry():
-    return json.loads(INDEX_ENTRY.read_text())
+    return json.loads(INDEX_ENTRY.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,10 +186,10 @@ def test_icon_and_screenshot_urls_point_to_files_here(entry, top_sets):
 
 def test_same_homepage_everywhere(top_sets):
     homepage = top_sets["EXTENSION_HOMEPAGE"][0]
-    urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", (MODULE_DIR / f"{MODULE}.py").read_text()))
+    urls = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", (MODULE_DIR / f"{MODULE}.py").read_text(encoding="utf-8")))
     urls.discard("https://github.com/Slicer/Slicer")  # the template's links to ScriptedLoadableModule.py
     assert urls == {homepage}, f"{MODULE}.py links {urls}, CMake says {homepage}"
-    assert homepage in (ROOT / "README.md").read_text()
+    assert homepage in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_icons_are_128_pixel_pngs_with_content():
@@ -226,7 +226,7 @@ def test_every_resource_is_listed_and_exists(module_sets):
 def _referenced_resources(path: Path) -> set[str]:
     """Resource paths a Python file loads: resourcePath("X") calls (-> Resources/X) and
     path expressions that go through a "Resources" component."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = set()
 
     def parts_of(node):
@@ -270,7 +270,7 @@ def test_every_module_import_resolves_to_a_shipped_file(module_sets):
     shipped_lib = {Path(p).stem for p in module_python_files()}
     problems = []
     for path in [MODULE_DIR / f"{MODULE}.py", *sorted(LIB_DIR.glob("*.py"))]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -293,7 +293,7 @@ def test_every_module_import_resolves_to_a_shipped_file(module_sets):
 
 
 def _defined_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     return {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)} | {
         n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
@@ -304,7 +304,7 @@ def _name_in_package(folder: Path, name: str) -> bool:
 
 
 def _imported_names(path: Path) -> set[str]:
-    return {a.asname or a.name for n in ast.walk(ast.parse(path.read_text()))
+    return {a.asname or a.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
             if isinstance(n, ast.ImportFrom) for a in n.names}
 
 
@@ -322,7 +322,7 @@ def test_mimcore_is_bundled_by_a_glob_of_its_python_files():
 def test_self_test_is_registered_and_defined():
     commands = cmake_commands(MODULE_DIR / "CMakeLists.txt")
     assert ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"]) in commands
-    tree = ast.parse((MODULE_DIR / f"{MODULE}.py").read_text())
+    tree = ast.parse((MODULE_DIR / f"{MODULE}.py").read_text(encoding="utf-8"))
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
     for name, base in ((MODULE, "ScriptedLoadableModule"), (f"{MODULE}Widget", "ScriptedLoadableModuleWidget"),
                        (f"{MODULE}Logic", "ScriptedLoadableModuleLogic"), (f"{MODULE}Test", "ScriptedLoadableModuleTest")):
@@ -413,7 +413,7 @@ def configured(tmp_path_factory):
     proc = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={shim}", "-DBUILD_TESTING=ON"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"cmake configure failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    manifest = [line.split("|") for line in (build / "manifest.txt").read_text().splitlines() if line]
+    manifest = [line.split("|") for line in (build / "manifest.txt").read_text(encoding="utf-8").splitlines() if line]
     return {"manifest": manifest, "build": build, "tmp": tmp, "log": proc.stdout}
 
 

@@ -70,7 +70,7 @@ def bound_widgets() -> dict[str, ET.Element]:
 
 
 def module_tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(), filename=str(MODULE_FILE))
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
 
 
 def parameter_class() -> ast.ClassDef:
@@ -146,7 +146,7 @@ def test_every_parameter_has_a_widget_or_is_managed_by_the_widget_code():
     orphans = set(params) - set(bound) - managed
     assert not orphans, f"parameters with no widget: {orphans}"
     # a widget-managed parameter is really written by the widget code
-    source = MODULE_FILE.read_text()
+    source = MODULE_FILE.read_text(encoding="utf-8")
     for name in managed:
         assert re.search(rf"\.{name}\s*=", source), f"{name} is declared widget-managed but never set"
 

@@ -246,7 +246,7 @@ def _write_bundle_files(folder: Path, tensors: dict[str, torch.Tensor], descript
     desc["format"] = BUNDLE_FORMAT
     desc["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(weights), "size": weights.stat().st_size}
     validate_description(desc, source="the description given to save_bundle")
-    with open(folder / DESCRIPTION_FILE, "w") as f:
+    with open(folder / DESCRIPTION_FILE, "w", encoding="utf-8") as f:
         json.dump(desc, f, indent=2)
         f.write("\n")
         f.flush()
@@ -321,7 +321,7 @@ def replace_dir(src: Path, dest: Path) -> None:
 
 def write_zip(folder: Path, zip_path: str | os.PathLike) -> None:
     """Zip a bundle directory's model.json and weights (at the zip's root) into ``zip_path``."""
-    desc = json.loads((folder / DESCRIPTION_FILE).read_text())
+    desc = json.loads((folder / DESCRIPTION_FILE).read_text(encoding="utf-8"))
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.write(folder / DESCRIPTION_FILE, DESCRIPTION_FILE, compress_type=zipfile.ZIP_DEFLATED)
         # float weights hardly compress: store them, which also keeps extraction fast

@@ -231,7 +231,7 @@ def export_monai_bundle(bundle: Bundle, dest: str | os.PathLike, overwrite: bool
         (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n")
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         torch.save(state, tmp / "models" / "model.pt")
-        (tmp / "docs" / "README.md").write_text(readme(bundle))
+        (tmp / "docs" / "README.md").write_text(readme(bundle), encoding="utf-8")
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

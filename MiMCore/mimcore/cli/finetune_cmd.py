@@ -1,19 +1,21 @@
-"""``mim finetune``: fine-tune the MiM segmentation network on labelled cases."""
+"""``mim finetune``: fine-tune a segmentation network (MiMSegNet, UNETR or SwinUNETR) on labelled cases."""
 
 from __future__ import annotations
 
 import argparse
 
 from mimcore.devices import DEVICE_CHOICES
+from mimcore.methods.registry import ALL_BACKBONES
 from mimcore.models.presets import PRESETS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a segmentation model on labelled CT cases",
-        description="Fine-tune the MiM segmentation network (encoder + SwinUNETR-style decoder) from a "
-                    "pre-trained encoder or an existing model bundle. The best model (validation Dice) is "
-                    "written as a model bundle to OUTPUT/model.",
+        description="Fine-tune a segmentation network from a pre-trained encoder or an existing model bundle: "
+                    "the MiM network (ConvViT3D encoder + SwinUNETR-style decoder) for MiM and ConvViT3D "
+                    "checkpoints, UNETR for ViT checkpoints (MAE, SimMIM), SwinUNETR for Swin checkpoints "
+                    "(GMIM). The best model (validation Dice) is written as a model bundle to OUTPUT/model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--datalist", help="MONAI-style datalist JSON ('training'/'validation' entries with "
@@ -31,8 +33,12 @@ def add_parser(sub) -> None:
     model.add_argument("--init", help="start from: a `mim pretrain` run folder or checkpoint, an authors' MiM "
                                       ".pth, or a segmentation model bundle (folder, zip or library name)")
     model.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: the --init's, else base)")
+    model.add_argument("--backbone", choices=ALL_BACKBONES,
+                       help="network when starting without pre-trained weights: convvit (MiM network, the "
+                            "default), vit (UNETR) or swin (SwinUNETR); with --init it follows the checkpoint")
     model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the transformer")
-    model.add_argument("--freeze-encoder", action="store_true", help="train only stage 5, decoder and head")
+    model.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head (the "
+                       "pre-trained encoder stays as loaded)")
     model.add_argument("--grad-checkpoint", action="store_true", help="recompute encoder blocks in the "
                                                                      "backward pass (less memory, slower)")
     prep = p.add_argument_group("preprocessing")

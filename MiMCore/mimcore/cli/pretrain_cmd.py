@@ -1,4 +1,5 @@
-"""``mim pretrain``: MiM pre-training on a datalist or a folder of CT volumes.
+"""``mim pretrain``: self-supervised pre-training (MiM by default; MAE, SimMIM, GMIM) on a
+datalist or a folder of CT volumes.
 
 Under ``torchrun --nproc_per_node N mim-pretrain-args...`` (``torchrun -m mimcore
 pretrain ...``) the same command trains with DistributedDataParallel.
@@ -12,14 +13,17 @@ import os
 from pathlib import Path
 
 from mimcore.errors import MimError
+from mimcore.methods.registry import ALL_BACKBONES, BACKBONES, METHODS, resolve_backbone
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "pretrain", help="MiM self-supervised pre-training.",
-        description="Pre-train the MiM encoder (three-level mask-in-mask reconstruction + cross-level "
-                    "alignment) on unlabeled CT volumes. Writes safetensors checkpoints, metrics.jsonl, "
-                    "TensorBoard logs and loss_curve.png into --output.")
+        "pretrain", help="Self-supervised pre-training (MiM, MAE, SimMIM or GMIM).",
+        description="Pre-train an encoder on unlabeled CT volumes: MiM (default; three-level mask-in-mask "
+                    "reconstruction + cross-level alignment on ConvViT3D), MAE or SimMIM (75% of the tokens "
+                    "hidden, L1 reconstruction; ViT-B/16 or ConvViT3D), GMIM (entropy-selected grid masking "
+                    "on the Swin encoder). Writes safetensors checkpoints, metrics.jsonl, TensorBoard logs "
+                    "and loss_curve.png into --output.")
     src = p.add_argument_group("data")
     src.add_argument("--datalist", metavar="JSON", help="MONAI-style datalist (e.g. the one `mim data samples` prints).")
     src.add_argument("--section", help="Datalist section (default: 'pretraining' if present, else 'training').")
@@ -32,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "defaults of the options below (options given on the command line win); its "
                           "\"effective_batch\" sets --accum = effective_batch / (batch x processes).")
     run.add_argument("--output", "-o", required=True, metavar="DIR", help="Run folder (checkpoints, logs).")
+    run.add_argument("--method", default="mim", choices=METHODS, help="Pre-training method (default mim).")
+    run.add_argument("--backbone", choices=ALL_BACKBONES,
+                     help="Encoder: " + "; ".join(f"{m}: {' or '.join(b)}" for m, b in BACKBONES.items())
+                          + " (default: the first).")
     run.add_argument("--preset", default="base", choices=("base", "small", "tiny"), help="Model size (default base).")
     run.add_argument("--steps", type=int, help="Optimizer steps in the whole run.")
     run.add_argument("--epochs", type=float, help="Length in epochs instead of --steps.")
@@ -57,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="bar (default), json (one event per line on stdout, for GUIs) or none.")
     run.add_argument("--mim", type=json.loads, default={}, metavar="JSON",
                      help='MiM settings, e.g. \'{"level2_mask_ratio": 0.6, "loss_weights": {...}}\'.')
+    run.add_argument("--method-config", type=json.loads, default={}, metavar="JSON",
+                     help='Settings of the method, e.g. \'{"mask_ratio": 0.6}\' for MAE/SimMIM.')
     p.set_defaults(func=lambda args: handler(args, p))
     return p
 
@@ -65,7 +75,7 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     """Fill options still at their default from a recipe JSON ``{"args": {...}, "effective_batch": N}``."""
     path = Path(args.config)
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
         recipe = dict(cfg["args"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise MimError(f"cannot use recipe {path}: {e}; it must be JSON with an \"args\" object") from None
@@ -88,6 +98,7 @@ def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.config:
         apply_config(args, parser)
+    resolve_backbone(args.method, args.backbone)  # exit code 2 with the allowed pairs
 
     summary = run_pretrain(PretrainArgs(
         output=args.output, datalist=args.datalist, data_dir=args.data_dir, section=args.section,
@@ -96,7 +107,8 @@ def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed, device=args.device,
         precision=args.precision, workers=args.workers, save_every=args.save_every, log_every=args.log_every,
         resume=args.resume, progress=args.progress, tensorboard=not args.no_tensorboard,
-        hu_window=tuple(args.hu_window), mim=args.mim,
+        hu_window=tuple(args.hu_window), mim=args.mim, method=args.method, backbone=args.backbone,
+        method_config=args.method_config,
     ))
     if args.progress != "json" and "checkpoint" in summary:
         print(f"final checkpoint: {summary['checkpoint']}")

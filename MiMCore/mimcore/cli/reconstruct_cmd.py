@@ -1,6 +1,7 @@
-"""``mim reconstruct``: show the mask-in-mask levels of a pre-trained model on one crop
-(hidden input, reconstruction and original of every level, as NIfTI files placed in the
-patient, a PNG sheet and a summary.json). The logic is in :mod:`mimcore.reconstruct`.
+"""``mim reconstruct``: show what a pre-trained model reconstructs on one crop - the three
+mask-in-mask levels of MiM, the single masked crop of MAE, SimMIM and GMIM (hidden input,
+reconstruction and original, as NIfTI files placed in the patient, a PNG sheet and a
+summary.json). The logic is in :mod:`mimcore.reconstruct`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``reconstruct`` on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "reconstruct",
-        help="Show what a pre-trained MiM model reconstructs at each level of one crop.",
-        description="Cut a crop (twice the network input) of a CT around a RAS position, build the three "
-                    "mask-in-mask levels and reconstruct them with a pre-training checkpoint. Writes, per "
+        help="Show what a pre-trained model reconstructs on one crop (MiM: its three levels).",
+        description="Cut a crop of a CT around a RAS position and reconstruct it, masked, with a pre-training "
+                    "checkpoint. MiM: the crop is twice the network input and its three mask-in-mask levels "
+                    "are reconstructed; MAE, SimMIM and GMIM: one masked crop (level 1 only). Writes, per "
                     "level and volume, the hidden input, the reconstruction and the original as NIfTI files "
                     "in HU placed at their true position in the patient (they overlay on the CT in 3D "
                     "Slicer), a PNG sheet levels.png and summary.json.",

@@ -415,7 +415,7 @@ def load_labels(spec: str) -> list[Label]:
         path = path / "model.json"
     if path.is_file():
         try:
-            obj = json.loads(path.read_text())
+            obj = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise MimError(f"Could not read labels from {path}: {err}. It must be a JSON file.") from None
         if path.name == "model.json" and not (isinstance(obj, Mapping) and "labels" in obj):

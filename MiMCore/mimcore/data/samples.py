@@ -290,7 +290,7 @@ def parse_total_labels(source: str) -> dict[int, str]:
 
 
 def _write_datalist(folder: Path) -> None:
-    labels = json.loads((folder / "labels_total.json").read_text())
+    labels = json.loads((folder / "labels_total.json").read_text(encoding="utf-8"))
     split = json.loads(json.dumps(SPLIT))  # deep copy
     for entry in split["training"]:
         values = sorted({int(v) for v in load_volume(folder / entry["label"]).array.ravel()})
@@ -324,7 +324,7 @@ def _move_into_place(staged: Path, target: Path, work: Path) -> None:
 
 def _describe(folder: Path) -> None:
     """Print one line per sample volume: name, size on disk, grid, spacing, labels."""
-    datalist = json.loads((folder / "datalist.json").read_text())
+    datalist = json.loads((folder / "datalist.json").read_text(encoding="utf-8"))
     seen = {}
     for section in ("training", "pretraining", "held_out", "mr"):
         for entry in datalist[section]:

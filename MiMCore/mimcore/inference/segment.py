@@ -24,7 +24,7 @@ from mimcore.data.volume_io import Volume, sitk_geometry
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models.segnet import build_segnet
+from mimcore.models import segnets
 
 INFERENCE_DEFAULTS = {"overlap": 0.5, "sw_batch_size": 2, "tta_flips": False, "keep_largest": False}
 
@@ -84,7 +84,7 @@ class Segmenter:
             raise MimError(f"the window batch must be at least 1, got {settings['sw_batch_size']}")
         self.settings, self.prep, self.labels = settings, desc["preprocessing"], bundle.labels
         self.device = resolve_device(device)
-        self.net = build_segnet(desc["architecture"])
+        self.net = segnets.build(desc["architecture"])  # MiMSegNet, UNETR or SwinUNETR
         missing, unexpected = self.net.load_state_dict(bundle.state_dict(), strict=False)
         if missing or unexpected:
             raise MimError(f"the weights of {bundle.path} do not fit its model.json: {len(missing)} missing "
@@ -93,8 +93,8 @@ class Segmenter:
         amp = None
         if self.device.type == "cuda" and precision != "fp32":
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.n_classes = self.net.out_channels
-        self.window = WindowSegmenter(self.net, self.net.cfg.input_size, self.device, float(settings["overlap"]),
+        self.n_classes = segnets.out_channels(self.net)
+        self.window = WindowSegmenter(self.net, segnets.input_size(self.net), self.device, float(settings["overlap"]),
                                       int(settings["sw_batch_size"]), bool(settings["tta_flips"]), amp,
                                       slab_budget_bytes, on_event=events, on_windows=windows)
 

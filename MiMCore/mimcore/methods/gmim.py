@@ -21,6 +21,19 @@ One training sample is a (R, R, R) region (R = ``crop_size``, 160 for ``base``):
 
 Randomness (crop offsets, augmentation, masks, re-mask draws) comes from the
 ``generator`` passed to :meth:`GMIMPretrainModel.forward`, on the CPU.
+
+Where this differs from the published code (its defaults - ratios 0.35-0.65, re-mask
+probability 0.3, Barlow weights 0.005 - agree with methods.md):
+
+- cell entropy from a 256-bin histogram over [0, 1] (the published code counts distinct
+  float values, which on continuous data mostly measures the cell size);
+- per-cell hidden counts are rounded stochastically (truncation hides nothing in one-token
+  cells); where the token map is coarser than the grid, cells merge with their mean ratio;
+- the reconstruction MSE is averaged over the hidden voxels (not over all voxels);
+- y's intensity augmentation is a per-image scale U(0.9, 1.1) and shift U(-0.1, 0.1);
+- ``small``/``tiny`` use a 64^3 input (at 32^3 the last stage is one token: InstanceNorm
+  and the Barlow-Twins statistics are undefined), window 4 and grids 2/4/8 so cells keep
+  base's 32/16/8-voxel size.
 """
 
 from __future__ import annotations

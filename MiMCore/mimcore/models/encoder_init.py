@@ -1,5 +1,7 @@
 """Initialise a segmentation network from what the user has: a project pre-training
-checkpoint, an authors' MiM ``.pth``, or an existing segmentation bundle.
+checkpoint (any method: its encoder goes into the network of its backbone - ConvViT3D into
+MiMSegNet, ViT into UNETR, Swin into SwinUNETR), an authors' MiM ``.pth``, or an existing
+segmentation bundle.
 
 Every path reports which tensors were loaded, which are new (initialised at random)
 and which were not used, and refuses (MimError) when nothing matched. Nothing is ever
@@ -76,19 +78,32 @@ def _copy_matching(net: torch.nn.Module, tensors: dict[str, torch.Tensor], repor
     report.new = [k for k in targets if k not in done]
 
 
-def init_from_pretrain(net: MiMSegNet, path: str | Path) -> InitReport:
-    """Encoder weights of a ``mim pretrain`` checkpoint (``encoder.*``) into ``net.encoder``."""
-    from mimcore.models.presets import ModelConfig
+def init_from_pretrain(net: torch.nn.Module, path: str | Path) -> InitReport:
+    """The encoder of a ``mim pretrain`` checkpoint (``encoder.*``, any method) into the matching
+    part of ``net``: ``encoder.*`` of a MiMSegNet (ConvViT3D), ``vit.*`` of a UNETR (ViT),
+    ``swinViT.*`` of a SwinUNETR (Swin, through :func:`mimcore.models.swin.swin_encoder_state`).
+    The pre-training decoder and heads are expected to go and are not reported as unused."""
+    from mimcore.methods.registry import METHOD_NAMES, SEGMENTATION_KIND, checkpoint_method
+    from mimcore.models.segnets import kind_of
     from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
 
     json_path = find_checkpoint(Path(path))
     meta, weights, _ = read_checkpoint(json_path)
-    cfg = ModelConfig.from_dict(meta["model"])
-    if cfg != net.cfg:
+    method, backbone = checkpoint_method(meta)
+    kind = kind_of(net)
+    if SEGMENTATION_KIND.get(backbone) != kind:
+        raise MimError(f"{json_path} pre-trained a {backbone} encoder ({METHOD_NAMES.get(method, method)}); it "
+                       f"fine-tunes as a {SEGMENTATION_KIND.get(backbone)!r} network, not {kind!r}")
+    report = InitReport(f"pre-training checkpoint ({METHOD_NAMES.get(method, method)}, {backbone})", str(json_path))
+    if kind == "swinunetr":
+        from mimcore.models.swin import swin_encoder_state
+
+        _copy_matching(net, swin_encoder_state(weights), report)  # keys are already swinViT.*
+        return report
+    if net.cfg.to_dict() != type(net.cfg).from_dict(meta["model"]).to_dict():
         raise MimError(f"{json_path} was pre-trained with the '{meta.get('preset')}' size; "
                        f"fine-tune with --preset {meta.get('preset')} to use it")
-    report = InitReport("pre-training checkpoint", str(json_path))
-    _copy_matching(net, weights, report, "encoder.", "encoder.")
+    _copy_matching(net, weights, report, "encoder.", "vit." if kind == "unetr" else "encoder.")
     report.unused = [n for n in report.unused if n.startswith("encoder.")]  # the decoder is expected to go
     return report
 
@@ -104,12 +119,14 @@ def init_from_official(net: MiMSegNet, path: str | Path) -> InitReport:
     return report
 
 
-def init_from_bundle_weights(net: MiMSegNet, state: dict[str, torch.Tensor], path: str,
+def init_from_bundle_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
                              same_labels: bool) -> InitReport:
     """A segmentation bundle's weights; the output head only when the label set is the same."""
+    from mimcore.models.segnets import head_prefix
+
     report = InitReport("segmentation bundle", path)
     if not same_labels:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state = {k: v for k, v in state.items() if not k.startswith(head_prefix(net))}
         report.notes.append("the label set differs from the bundle's: the output layer is new")
     _copy_matching(net, state, report)
     return report
@@ -117,6 +134,6 @@ def init_from_bundle_weights(net: MiMSegNet, state: dict[str, torch.Tensor], pat
 
 def check_report(report: InitReport) -> InitReport:
     if not report.loaded:
-        raise MimError(f"nothing in {report.path} matches this network ({report.source}): is it a MiM model "
-                       f"of the same size? (names seen: {', '.join(report.unused[:4]) or 'none'})")
+        raise MimError(f"nothing in {report.path} matches this network ({report.source}): is it a model "
+                       f"of the same kind and size? (names seen: {', '.join(report.unused[:4]) or 'none'})")
     return report

@@ -36,6 +36,7 @@ from mimcore.models.layers import PatchEmbed
 from mimcore.models.presets import ModelConfig, get_preset
 
 ARCHITECTURE_KIND = "mim-seg"
+HEAD_PREFIX = "head."
 #: The decoder's feature size is the first stage's width (48 for ``base``, as published),
 #: but at least this: a 6-wide decoder (``tiny``) learns several times slower than a 16-wide one.
 MIN_FEATURE_SIZE = 16
@@ -82,6 +83,13 @@ class MiMSegNet(nn.Module):
         self.dec1 = _up(f, f)
         self.head = UnetOutBlock(3, f, out_channels)
 
+    head_prefix = HEAD_PREFIX
+
+    @property
+    def input_size(self) -> int:
+        """Edge of the cubic windows the network takes."""
+        return self.cfg.input_size
+
     @property
     def out_channels(self) -> int:
         return self.head.conv.conv.out_channels
@@ -115,11 +123,19 @@ def architecture_dict(model: MiMSegNet, preset: str | None) -> dict:
             "feature_size": model.feature_size, "in_channels": 1, "out_channels": model.out_channels}
 
 
-def build_segnet(architecture: dict, **options) -> MiMSegNet:
-    """Build the network a bundle describes (``architecture`` as written by :func:`architecture_dict`)."""
-    kind = architecture.get("kind")
-    if kind != ARCHITECTURE_KIND:
-        raise MimError(f"this model's architecture is {kind!r}; mimcore {__name__} builds {ARCHITECTURE_KIND!r} only")
+def build_segnet(architecture: dict, **options) -> torch.nn.Module:
+    """Build the network a bundle describes, whatever its kind (``mim-seg`` as written by
+    :func:`architecture_dict`; ``unetr`` and ``swinunetr`` through :mod:`mimcore.models.segnets`).
+    MONAI bundles exported by mimcore build their network through this function."""
+    if architecture.get("kind") != ARCHITECTURE_KIND:
+        from mimcore.models.segnets import build
+
+        return build(architecture, **options)
+    return build_mim_segnet(architecture, **options)
+
+
+def build_mim_segnet(architecture: dict, **options) -> MiMSegNet:
+    """A :class:`MiMSegNet` from an ``architecture`` dict of kind ``mim-seg``."""
     if "model" in architecture:
         cfg = ModelConfig.from_dict(architecture["model"])
     else:

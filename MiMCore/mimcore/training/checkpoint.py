@@ -92,7 +92,7 @@ def read_checkpoint(path: Path, with_optimizer: bool = False,
     """(meta, model state dict, optimizer state dict or None), after checking the sha256 of each file."""
     json_path = find_checkpoint(path)
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise MimError(f"cannot read checkpoint description {json_path}: {e}") from None
     if meta.get("format") != fmt:

@@ -1,4 +1,7 @@
-"""``mim finetune``: train the MiM segmentation network on labelled CT cases.
+"""``mim finetune``: train a segmentation network on labelled CT cases.
+
+The network is MiMSegNet (ConvViT3D), UNETR (ViT) or SwinUNETR (Swin), following what it
+starts from (:mod:`mimcore.training.finetune_init`).
 
 DiceCE loss, AdamW (layer-wise lr decay optional) with warm-up + cosine, mixed precision
 on CUDA, DDP under ``torchrun``, exact resume from atomic checkpoints, validation every
@@ -29,16 +32,14 @@ from torch.utils.data import DataLoader
 from mimcore import __version__
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models.presets import get_preset
-from mimcore.models.segnet import MiMSegNet, architecture_dict
+from mimcore.models import segnets
 from mimcore.training import distributed
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_crops, find_cases
 from mimcore.training.finetune_labels import resolve_labels
-from mimcore.training.finetune_init import build_network
+from mimcore.training.finetune_init import build_network, param_groups
 from mimcore.training.finetune_plot import plot_curves
 from mimcore.training.logs import log_metrics, tensorboard_writer, truncate_metrics
-from mimcore.training.optim import finetune_param_groups
 from mimcore.training.pretrain import autocast_dtype, weights_digest
 from mimcore.training.pretrain_data import StepBatches, stream_seed
 from mimcore.training.progress import Progress
@@ -58,6 +59,7 @@ class FinetuneArgs:
     labels: str | None = None  # subset / remap spec, see mimcore.data.labels.parse_label_selection
     init: str | None = None  # pre-training checkpoint, authors' .pth, or a segmentation bundle
     preset: str | None = None
+    backbone: str | None = None  # network without --init: convvit (MiMSegNet), vit (UNETR), swin (SwinUNETR)
     spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
     hu_window: tuple[float, float] = (-175.0, 250.0)
     steps: int | None = None
@@ -93,11 +95,11 @@ def run_finetune(args: FinetuneArgs) -> dict:
     return distributed.launch(args.device, lambda device, info: _run(args, device, info))
 
 
-def validate(net: MiMSegNet, cases, n_classes: int, device: torch.device, overlap: float, sw_batch: int,
+def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, overlap: float, sw_batch: int,
              amp_dtype) -> np.ndarray:
     """Per-case, per-class Dice (n_cases, n_classes - 1); NaN where the class is absent from the reference."""
     net.eval()
-    window = WindowSegmenter(net, net.cfg.input_size, device, overlap, sw_batch, amp_dtype=amp_dtype)
+    window = WindowSegmenter(net, segnets.input_size(net), device, overlap, sw_batch, amp_dtype=amp_dtype)
     rows = []
     for i in range(len(cases)):
         case = cases[i]
@@ -128,11 +130,11 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     labels, mapping, init_bundle = resolve_labels(args)
     preset = args.preset or (init_bundle.description["architecture"].get("preset") if init_bundle else None) \
         or _init_preset(args.init) or "base"
-    cfg = get_preset(preset) if not init_bundle else None
     torch.manual_seed(args.seed)
-    net, init_report = build_network(args, cfg, len(labels) + 1, labels, init_bundle)
+    net, init_report, build_notes = build_network(args, preset, len(labels) + 1, labels, init_bundle)
     net = net.to(device)
-    roi = net.cfg.input_size
+    roi = segnets.input_size(net)
+    kind = segnets.kind_of(net)
     prep = {"orientation": "RAS", "spacing": list(args.spacing) if args.spacing else None,
             "hu_min": float(args.hu_window[0]), "hu_max": float(args.hu_window[1])}
     if init_bundle is not None and args.extra.get("prep_from_bundle", True):
@@ -142,7 +144,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     val_cache = train_cache if val_cases is train_cases else cached_cases(val_cases, mapping, prep, roi)
     dataset = LabelledCrops(train_cache, roi, args.samples_per_case)
 
-    groups = finetune_param_groups(net, args.lr, args.weight_decay, args.layer_decay)
+    groups = param_groups(net, args.lr, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     amp_dtype = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -180,7 +182,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     names = [lab.name for lab in labels]
     bundle_desc = {
-        "name": args.name or run_dir.name, "architecture": architecture_dict(net, preset),
+        "name": args.name or run_dir.name, "architecture": segnets.describe(net, preset),
         "labels": [lab.to_dict() for lab in labels], "preprocessing": prep,
         "inference": {"roi_size": [roi] * 3, "overlap": args.overlap, "sw_batch_size": args.sw_batch,
                       "mode": "gaussian", "tta_flips": False, "keep_largest": False},
@@ -196,12 +198,12 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
         truncate_metrics(val_path, start)
     report = Progress("finetune", total, args.progress, start=start, enabled=dist_info.is_main)
     report.event("start", stage="finetune", total=total, step=start, device=str(device), labels=names,
-                 cases=len(train_cases), validation_cases=len(val_cases),
+                 cases=len(train_cases), validation_cases=len(val_cases), architecture=kind,
                  message=f"{len(train_cases)} training case(s), labels: {', '.join(names)}")
     if resume_from is not None:
         report.event("resume", path=str(resume_from), step=start)
     for note in ([init_report.summary()] if init_report else ["no --init: the encoder starts from random weights"]) \
-            + ([val_note] if val_note else []):
+            + build_notes + ([val_note] if val_note else []):
         report.event("note", message=note)
 
     def save(step: int, metrics: dict) -> None:
@@ -253,7 +255,8 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
             if step % val_every == 0 or step == total:
                 flag = torch.zeros(1)
                 if dist_info.is_main:
-                    dice = validate(net, val_cache, net.out_channels, device, args.overlap, args.sw_batch, amp_dtype)
+                    dice = validate(net, val_cache, segnets.out_channels(net), device, args.overlap, args.sw_batch,
+                                    amp_dtype)
                     mean_class = _nanmean_rows(dice)
                     per_class = {n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(names, mean_class)}
                     score = float(np.nanmean(mean_class)) if np.isfinite(mean_class).any() else 0.0
@@ -307,7 +310,7 @@ def _init_preset(init: str | None) -> str | None:
 
     if not init or source_kind(init) != "pretrain":
         return None
-    return json.loads(find_checkpoint(Path(init)).read_text()).get("preset")
+    return json.loads(find_checkpoint(Path(init)).read_text(encoding="utf-8")).get("preset")
 
 
 def _nanmean_rows(dice: np.ndarray) -> np.ndarray:

@@ -147,7 +147,7 @@ def label_names(datalist: str | None, names_flag: str | None) -> dict[int, str]:
     if names_flag:
         p = Path(names_flag)
         if p.is_file():
-            raw = json.loads(p.read_text())
+            raw = json.loads(p.read_text(encoding="utf-8"))
             raw = raw.get("labels", raw) if isinstance(raw, dict) else raw
         else:
             try:

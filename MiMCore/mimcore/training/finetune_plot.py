@@ -15,8 +15,8 @@ def plot_curves(metrics_path: Path, val_path: Path, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    vals = [json.loads(ln) for ln in Path(val_path).read_text().splitlines() if ln.strip()] \
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    vals = [json.loads(ln) for ln in Path(val_path).read_text(encoding="utf-8").splitlines() if ln.strip()] \
         if Path(val_path).exists() else []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in rows]

@@ -22,7 +22,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metric lines up to ``step`` (a resumed run rewrites what follows)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in lines))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "mask_token")
+NO_DECAY_NAMES = ("pos_embed", "position_embeddings", "mask_token")  # MONAI ViT: position_embeddings
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,9 +1,12 @@
-"""The MiM pre-training engine: one function, :func:`run_pretrain`, used by ``mim pretrain``.
+"""The pre-training engine: one function, :func:`run_pretrain`, used by ``mim pretrain``.
 
-Per optimizer step: ``accum`` micro-batches of ``batch`` crops per process, each
-through the three MiM levels; AdamW with warm-up + cosine; mixed precision on CUDA
-(bf16 where supported, else fp16 with a gradient scaler); optional clipping; DDP
-under ``torchrun``. Checkpoints are atomic and resuming continues exactly.
+The method (MiM, MAE, SimMIM, GMIM) and its backbone come from
+:mod:`mimcore.methods.registry`; the loop is the same for all of them. Per optimizer
+step: ``accum`` micro-batches of ``batch`` crops per process, each through the method's
+``forward(crop, generator)`` (the three levels for MiM); AdamW with warm-up + cosine;
+mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler);
+optional clipping; DDP under ``torchrun``. Checkpoints record the method, backbone and
+settings; resuming continues exactly and refuses a checkpoint of another method.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from torch.utils.data import DataLoader
 
 from mimcore.data.preprocess import Preprocessing
 from mimcore.errors import MimError
-from mimcore.methods.mim import MiMPretrainModel
-from mimcore.models.presets import MiMConfig, ModelConfig, get_preset
+from mimcore.methods.registry import METHOD_NAMES, build_pretrain_model, checkpoint_method, resolve_backbone
 from mimcore.training import distributed
 from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from mimcore.training.optim import make_optimizer, scaled_lr
@@ -63,7 +65,10 @@ class PretrainArgs:
     progress: str = "bar"
     tensorboard: bool = True
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    mim: dict = field(default_factory=dict)
+    mim: dict = field(default_factory=dict)  # MiM settings (--mim), kept for existing recipes
+    method: str = "mim"
+    backbone: str | None = None  # None: the method's default (registry.DEFAULT_BACKBONE)
+    method_config: dict = field(default_factory=dict)  # settings of the method (--method-config)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -98,13 +103,32 @@ def _schedule_steps(args: PretrainArgs, steps_per_epoch: int) -> tuple[int, int]
 
 def run_pretrain(args: PretrainArgs) -> dict:
     """Run (or resume) pre-training. Returns a summary dict (also the ``done`` event)."""
+    resolve_backbone(args.method, args.backbone)  # a wrong pair fails before anything starts
     return distributed.launch(args.device, lambda device, info: _run(args, device, info))
+
+
+def method_options(args: PretrainArgs) -> dict:
+    """The method settings of a run: ``--method-config``, plus ``--mim`` for MiM."""
+    if args.mim and args.method != "mim":
+        raise MimError(f"--mim sets MiM's settings; for --method {args.method} use --method-config")
+    return {**args.mim, **args.method_config}
+
+
+def check_resumable(meta: dict, run_meta: dict, path: Path) -> None:
+    """MimError unless the checkpoint ``meta`` was made by the same method, backbone and size."""
+    method, backbone = checkpoint_method(meta)
+    if (method, backbone) != (run_meta["method"], run_meta["backbone"]):
+        raise MimError(f"{path} was pre-trained with --method {method} --backbone {backbone} "
+                       f"({METHOD_NAMES.get(method, method)}); it cannot be resumed with --method "
+                       f"{run_meta['method']} --backbone {run_meta['backbone']}. Resume with the same method, "
+                       "or start a new run in another --output folder")
+    if meta.get("model") != run_meta["model"]:
+        raise MimError(f"{path} was made with another model size; resume with --preset {meta.get('preset')}")
 
 
 def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
     run_dir = Path(args.output)
-    model_cfg = get_preset(args.preset)
-    mim_cfg = MiMConfig(**args.mim)
+    options = method_options(args)
     prep = Preprocessing(hu_min=args.hu_window[0], hu_max=args.hu_window[1])
     volumes = find_volumes(args.datalist, args.data_dir, args.section)
     resume_from = None
@@ -112,14 +136,15 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
         resume_from = find_checkpoint(run_dir if args.resume == "auto" else Path(args.resume))
 
     torch.manual_seed(args.seed)
-    model = MiMPretrainModel(model_cfg, mim_cfg).to(device)
+    model, crop_size, model_meta = build_pretrain_model(args.method, args.backbone, args.preset, options)
+    model = model.to(device)
     eff_batch = args.batch * args.accum * dist_info.world
     lr = args.lr if args.lr is not None else scaled_lr(args.base_lr, eff_batch)
     optimizer = make_optimizer(model, lr, args.weight_decay)
     amp_dtype = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    dataset = RandomCrops(volumes, model_cfg.crop_size, prep)
+    dataset = RandomCrops(volumes, crop_size, prep)
     per_rank = math.ceil(len(dataset) / dist_info.world)
     steps_per_epoch = max(1, math.ceil(per_rank / (args.batch * args.accum)))
     total, warmup = _schedule_steps(args, steps_per_epoch)
@@ -127,8 +152,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     start = 0
     if resume_from is not None:
         meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True)
-        if ModelConfig.from_dict(meta["model"]) != model_cfg:
-            raise MimError(f"{resume_from} was made with another model size; resume with --preset {meta['preset']}")
+        check_resumable(meta, model_meta, resume_from)
         model.load_state_dict(weights)
         if optim_state is None:
             raise MimError(f"{resume_from} holds no optimizer state; it cannot be resumed exactly")
@@ -149,8 +173,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
                                                            n_micro, args.seed, dist_info.rank, dist_info.world),
                         num_workers=args.workers, pin_memory=device.type == "cuda")
 
-    meta_base = {"preset": args.preset, "model": model_cfg.to_dict(), "mim": mim_cfg.to_dict(),
-                 "preprocessing": prep.to_dict(), "method": "mim", "args": asdict(args),
+    meta_base = {**model_meta, "crop_size": crop_size, "preprocessing": prep.to_dict(), "args": asdict(args),
                  "lr": lr, "effective_batch": eff_batch, "total_steps": total, "warmup_steps": warmup,
                  "world_size": dist_info.world}
     writer = tensorboard_writer(run_dir, args) if dist_info.is_main else None
@@ -160,7 +183,8 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
         truncate_metrics(metrics_path, start)
     report = Progress("pretrain", total, args.progress, start=start, enabled=dist_info.is_main)
     report.event("start", stage="pretrain", message=volumes_summary(volumes), total=total, step=start,
-                 device=str(device), lr=lr, effective_batch=eff_batch)
+                 device=str(device), lr=lr, effective_batch=eff_batch, method=model_meta["method"],
+                 backbone=model_meta["backbone"], crop_size=crop_size)
     if resume_from is not None:
         report.event("resume", path=str(resume_from), step=start)
 
@@ -222,25 +246,33 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
 
 
 def plot_loss_curve(metrics_path: Path, png: Path) -> Path:
-    """PNG of the total and per-level losses against the step, from ``metrics.jsonl``."""
+    """PNG of the losses against the step, from ``metrics.jsonl``: the total and MiM's per-level
+    losses (or any other loss a method reports) on the left, MiM's alignment terms on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [json.loads(ln) for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    align = [k for k in ("a12", "a23") if k in rows[0]]
+    recon = ["loss"] + [k for k in rows[0] if k not in ("step", "loss", "lr", "grad_norm", *align)]
+    fig, axes = plt.subplots(1, 2 if align else 1, figsize=(11 if align else 6, 4), squeeze=False)
+    ax1 = axes[0][0]
     steps = [r["step"] for r in rows]
-    for key in ("loss", "l1", "l2", "l3"):
+    for key in recon:
         ax1.plot(steps, [r[key] for r in rows], label=key, lw=1, alpha=0.45 if key == "loss" else 0.6)
     window = max(1, len(rows) // 10)  # crops differ a lot (padding, air): show a running mean too
     running = np.convolve([r["loss"] for r in rows], np.ones(window) / window, mode="valid")
     ax1.plot(steps[window - 1:], running, color="k", lw=2, label=f"loss, mean of {window}")
-    for key in ("a12", "a23"):
-        ax2.plot(steps, [r[key] for r in rows], label=key)
-    ax1.set(title="reconstruction (norm-pix MSE) and total", xlabel="step")
-    ax2.set(title="cross-level alignment (2 - 2 cos)", xlabel="step")
-    for ax in (ax1, ax2):
+    if align:
+        ax2 = axes[0][1]
+        for key in align:
+            ax2.plot(steps, [r[key] for r in rows], label=key)
+        ax1.set(title="reconstruction (norm-pix MSE) and total", xlabel="step")
+        ax2.set(title="cross-level alignment (2 - 2 cos)", xlabel="step")
+    else:
+        ax1.set(title="pre-training loss", xlabel="step")
+    for ax in axes[0]:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

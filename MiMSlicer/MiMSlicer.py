@@ -45,6 +45,13 @@ WIDGET_MANAGED_PARAMETERS = ("modelName", "finetuneInitModel", "finetuneVolumes"
 # Item of the "Start from" combo box that means "the pre-training checkpoint below".
 CHECKPOINT_INIT_ITEM = "__checkpoint__"
 
+# Path parameters and their ctkPathLineEdit. The line edit reports a path only when its text is
+# acceptable input, and empty text is not: clearing the field leaves the old path in the parameter
+# node. The widget code treats an empty field as unset and resets the parameter when the user is
+# not typing (the reset makes the wrapper write "." back into the field).
+PATH_FIELDS = (("previewCheckpoint", "previewCheckpointPathLineEdit"), ("finetuneFolder", "finetuneFolderPathLineEdit"),
+               ("finetuneInitPath", "finetuneInitPathLineEdit"))
+
 
 #
 # MiMSlicer
@@ -210,6 +217,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.checkDeviceButton.connect("clicked(bool)", self.onCheckDevice)
         self.ui.wheelhousePathLineEdit.connect("currentPathChanged(QString)", self.onWheelhouseChanged)
+        # Clearing a path field emits no currentPathChanged (see PATH_FIELDS), only validInputChanged.
+        for _name, widgetName in PATH_FIELDS:
+            getattr(self.ui, widgetName).connect("validInputChanged(bool)", self.onPathInputValidityChanged)
+        self.ui.wheelhousePathLineEdit.connect(
+            "validInputChanged(bool)",
+            lambda valid: self.onWheelhouseChanged(self.ui.wheelhousePathLineEdit.currentPath))
         self.ui.finetuneCasesTable.horizontalHeader().setStretchLastSection(True)
 
         self.ui.wheelhousePathLineEdit.currentPath = str(
@@ -243,6 +256,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Do not react to parameter node changes (GUI will be updated when the user enters into the module)
         # Running tasks keep running and keep being polled.
         if self._parameterNode:
+            self._resetClearedPaths()
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -313,15 +327,20 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentButton.enabled = False
 
         previewButton = self.ui.previewButton
-        previewButton.enabled = "preview" in running or bool(p.previewVolume and _isSet(p.previewCheckpoint))
+        previewButton.enabled = "preview" in running or bool(p.previewVolume and self._pathIsSet("previewCheckpoint"))
         if not previewButton.enabled:
             previewButton.toolTip = _("Select a pre-trained checkpoint and a volume.")
+        elif "preview" not in running:
+            previewButton.toolTip = _("Hide, reconstruct and show the three mask-in-mask levels around the centre "
+                                      "point; click again to cancel.")
 
         finetuneButton = self.ui.finetuneButton
-        haveCases = bool(p.finetuneVolumes) or _isSet(p.finetuneFolder)
+        haveCases = bool(p.finetuneVolumes) or self._pathIsSet("finetuneFolder")
         finetuneButton.enabled = "finetune" in running or haveCases
         if not finetuneButton.enabled:
             finetuneButton.toolTip = _("Add annotated cases (volume + segmentation), or choose a folder of cases.")
+        elif "finetune" not in running:
+            finetuneButton.toolTip = _("Fine-tune on the cases; click again to cancel.")
 
         self.ui.finetuneInitPathLineEdit.enabled = p.finetuneInitModel == CHECKPOINT_INIT_ITEM or not p.finetuneInitModel
 
@@ -462,6 +481,23 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies and device
 
+    def onPathInputValidityChanged(self, valid) -> None:
+        self._updateButtonStates()
+
+    def _pathIsSet(self, name: str) -> bool:
+        """A path parameter is set and its field was not cleared since (see PATH_FIELDS)."""
+        widgetName = dict(PATH_FIELDS)[name]
+        return _isSet(getattr(self._parameterNode, name)) and bool(getattr(self.ui, widgetName).currentPath)
+
+    def _resetClearedPaths(self) -> None:
+        """Unset the path parameters whose field was cleared (see PATH_FIELDS)."""
+        p = self._parameterNode
+        if not p:
+            return
+        for name, widgetName in PATH_FIELDS:
+            if not getattr(self.ui, widgetName).currentPath and _isSet(getattr(p, name)):
+                setattr(p, name, Path())
+
     def onWheelhouseChanged(self, path) -> None:
         qt.QSettings().setValue(self.WHEELHOUSE_SETTING, path)
 
@@ -502,6 +538,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Some packages are still missing or outdated; restart Slicer and try "
                                            "again:\n{packages}").format(packages=text))
                 return False
+            self.refreshModels()  # the library folder could not be found before (platformdirs)
             self._checkDevice(self._parameterNode.segmentDevice if self._parameterNode else "auto")
         self._dependenciesReady = True
         self.ui.setupStatusLabel.text = _("All Python packages are installed.")
@@ -553,6 +590,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreviewButton(self) -> None:
         if self._cancelIfRunning("preview"):
             return
+        self._resetClearedPaths()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the preview."), waitCursor=True):
             if not self._ensureDependencies():
@@ -622,6 +660,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetuneButton(self) -> None:
         if self._cancelIfRunning("finetune"):
             return
+        self._resetClearedPaths()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             if not self._ensureDependencies():
@@ -783,9 +822,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("The {task} job failed.").format(task=kind), detailedText=str(error))
         else:
             statusLabel.text = _("Done.")
-            with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
-                {"segment": self._onSegmentDone, "preview": self._onPreviewDone,
-                 "finetune": self._onFinetuneDone}[kind](task)
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
+                    {"segment": self._onSegmentDone, "preview": self._onPreviewDone,
+                     "finetune": self._onFinetuneDone}[kind](task)
+            except Exception:  # tryWithErrorDisplay showed it and re-raises: keep the timer slot alive
+                logging.exception("MiMSlicer: showing the %s results failed", kind)
+                statusLabel.text = _("Done, but the results could not be shown (see the log).")
         self._updateButtonStates()
 
     def _log(self, text: str) -> None:
@@ -850,7 +893,7 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __getattr__(self, name):
         # anything else the library logic offers (e.g. registry_models)
-        if name.startswith("_"):
+        if name.startswith("_") or name == "library":  # "library": its property raised AttributeError
             raise AttributeError(name)
         return getattr(self.library, name)
 

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.mimcore-installed
 TORCH  := torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench study clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ test: setup
 bench: setup
 	$(BIN)/python Testing/benchmarks/bench_pretrain.py
 	$(BIN)/python Testing/benchmarks/bench_segment.py
+
+# The comparison study (Training/experiments/README.md): scratch, MAE, SimMIM, GMIM and MiM under one
+# budget on the sample CTs; about an hour on a 2-core CPU, resumable (run it again to continue).
+# STUDY_ARGS passes options on, e.g. STUDY_ARGS="--dry-run" or "--results-dir Training/experiments/results/small".
+STUDY_OUT ?= study_output/small
+STUDY_ARGS ?=
+study: setup
+	$(BIN)/python Training/experiments/compare_methods.py --scale small --output $(STUDY_OUT) $(STUDY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

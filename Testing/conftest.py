@@ -15,3 +15,19 @@ def sample_datalist(tmp_path_factory):
 
     cache = os.environ.get("MIM_DATA_DIR") or tmp_path_factory.mktemp("mim_samples")
     return fetch_samples(cache_dir=cache, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def ct_folder(tmp_path_factory):
+    """Two small synthetic CT-like volumes (HU): a noisy sphere, anisotropic spacing."""
+    import numpy as np
+
+    from mimcore.data.volume_io import save_volume
+
+    folder = tmp_path_factory.mktemp("cts")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(70, 66, 60), (50, 72, 68)]):
+        x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+        hu = -1000 + 1100 * (x**2 + y**2 + z**2 < 0.7) + 40 * rng.standard_normal(shape)
+        save_volume(folder / f"ct{i}.nii.gz", hu.astype(np.float32), np.diag([0.8, 0.9, 2.5, 1.0]))
+    return folder

@@ -19,18 +19,6 @@ from mimcore.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def ct_folder(tmp_path_factory):
-    """Two small synthetic CT-like volumes (HU)."""
-    folder = tmp_path_factory.mktemp("cts")
-    rng = np.random.default_rng(0)
-    for i, shape in enumerate([(70, 66, 60), (50, 72, 68)]):
-        x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-        hu = -1000 + 1100 * (x**2 + y**2 + z**2 < 0.7) + 40 * rng.standard_normal(shape)
-        save_volume(folder / f"ct{i}.nii.gz", hu.astype(np.float32), np.diag([0.8, 0.9, 2.5, 1.0]))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def small_case(sample_datalist, tmp_path_factory):
     """A datalist of the small labelled sample CT (122 x 101 x 30, 3 mm)."""
     data = json.loads(sample_datalist.read_text(encoding="utf-8"))

@@ -10,20 +10,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from mimcore.cli.main import main
-from mimcore.data.volume_io import save_volume
-
-
-@pytest.fixture(scope="module")
-def ct_folder(tmp_path_factory):
-    """Two small synthetic CT-like volumes (HU), anisotropic spacing."""
-    folder = tmp_path_factory.mktemp("cts")
-    rng = np.random.default_rng(0)
-    for i, shape in enumerate([(70, 66, 60), (50, 72, 68)]):
-        x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-        hu = -1000 + 1100 * (x**2 + y**2 + z**2 < 0.7) + 40 * rng.standard_normal(shape)
-        affine = np.diag([0.8, 0.9, 2.5, 1.0])
-        save_volume(folder / f"ct{i}.nii.gz", hu.astype(np.float32), affine)
-    return folder
 
 
 def pretrain(out, data, *extra):

@@ -50,3 +50,25 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+RESULT_TAG = "@@BENCH_RESULT@@ "
+
+
+def spawn_child(cmd: list[str], ident: dict, timeout: float) -> dict:
+    """Run one measurement in a child process; -> the dict it printed after RESULT_TAG, with
+    ``process_wall_s`` added, or ``ident`` plus an ``error`` when it timed out or crashed."""
+    import json
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**ident, "error": f"over --child-timeout {timeout:g} s", "process_wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return {**json.loads(line[len(RESULT_TAG):]), "process_wall_s": wall}
+    return {**ident, "error": f"child exited with {proc.returncode}", "process_wall_s": wall}

@@ -47,14 +47,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from bench_common import machine_info, sync
+from bench_common import RESULT_TAG, machine_info, spawn_child, sync
 from bench_pretrain_methods import EXTRAS, build, format_table, make_step, method_configs, per_sample
 
-RESULT_TAG = "@@BENCH_RESULT@@ "
 
 # The published MiM implementation, measured on this machine (fp32, CPU), per the project spec.
 PUBLISHED = {
@@ -177,19 +175,7 @@ def spawn(config: str, args) -> dict:
            "--batch", str(args.batch)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"over --child-timeout {args.child_timeout:g} s",
-                "process_wall_s": time.perf_counter() - t0}
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            res = json.loads(line[len(RESULT_TAG):])
-            res["process_wall_s"] = wall
-            return res
-    return {"config": config, "error": f"child exited with {proc.returncode}", "process_wall_s": wall}
+    return spawn_child(cmd, {"config": config}, args.child_timeout)
 
 
 def _method_list(values: list[str]) -> list[str]:

@@ -92,14 +92,12 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench_common import machine_info, sync
+from bench_common import RESULT_TAG, machine_info, spawn_child, sync
 
-RESULT_TAG = "@@BENCH_RESULT@@ "
 N_CLASSES = 14
 PREP = {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "hu_min": -175, "hu_max": 250}
 BIG_SHAPE = (512, 512, 400)
@@ -491,19 +489,7 @@ def spawn(spec: str, args) -> dict:
         cmd.append("--memory-only")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"label": spec, "error": f"over --child-timeout {args.child_timeout:g} s",
-                "process_wall_s": time.perf_counter() - t0}
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            res = json.loads(line[len(RESULT_TAG):])
-            res["process_wall_s"] = wall
-            return res
-    return {"label": spec, "error": f"child exited with {proc.returncode}", "process_wall_s": wall}
+    return spawn_child(cmd, {"label": spec}, args.child_timeout)
 
 
 def _table(head: list[str], rows: list[list]) -> str:

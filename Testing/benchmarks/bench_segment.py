@@ -379,7 +379,8 @@ def run_swin(case: str, device, args) -> dict:
     from monai.networks.nets import SwinUNETR
 
     from mimcore.devices import resolve_device
-    from mimcore.inference.segment import labels_to_grid, preprocess
+    from mimcore.data.regrid import labels_to_grid
+    from mimcore.inference.segment import preprocess
     from mimcore.inference.window import count_windows
 
     label = f"swin@{case}"

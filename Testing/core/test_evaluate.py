@@ -238,8 +238,39 @@ def test_grid_mismatch_is_a_clear_error(tmp_path, change, message):
     pred, ref = _case_arrays(0)
     save_volume(tmp_path / "p.nii.gz", pred, change(_affine()), dtype=np.uint8)
     save_volume(tmp_path / "r.nii.gz", ref, _affine(), dtype=np.uint8)
-    with pytest.raises(MimError, match=f"not on the same voxel grid: {message}.*resample the prediction"):
+    with pytest.raises(MimError, match=f"not on the same voxel grid: {message}.*--resample-ref"):
         evaluate_files([(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz", "p")], LABELS)
+
+
+def test_resample_ref_moves_the_reference_onto_the_prediction_grid(tmp_path):
+    """A reference stored with its rows flipped, or at half the voxel size, holds the same
+    labels in the same places: with resample_ref it scores exactly as the same-grid one."""
+    pred, ref = _case_arrays(1)
+    a = _affine()
+    save_volume(tmp_path / "p.nii.gz", pred, a, dtype=np.uint8)
+    save_volume(tmp_path / "r.nii.gz", ref, a, dtype=np.uint8)
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1.0, ref.shape[1] - 1  # index j of the file is row ny-1-j of the grid
+    save_volume(tmp_path / "flipped.nii.gz", ref[:, ::-1, :], a @ flip, dtype=np.uint8)
+    fine = a.copy()
+    fine[:3, :3] = a[:3, :3] / 2  # voxel 2i and 2i+1 centred at a @ (i -/+ 0.25)
+    fine[:3, 3] = a[:3, 3] + a[:3, :3] @ np.full(3, -0.25)
+    save_volume(tmp_path / "fine.nii.gz", ref.repeat(2, 0).repeat(2, 1).repeat(2, 2), fine, dtype=np.uint8)
+    expected = evaluate_files([(tmp_path / "p.nii.gz", tmp_path / "r.nii.gz", "p")], LABELS)
+    assert expected.notes == [] and _row(expected.cases[0].rows, 1)["dice"] == pytest.approx(0.75)
+    for name in ("flipped", "fine"):
+        pair = [(tmp_path / "p.nii.gz", tmp_path / f"{name}.nii.gz", "p")]
+        with pytest.raises(MimError, match="--resample-ref"):
+            evaluate_files(pair, LABELS)
+        result = evaluate_files(pair, LABELS, resample_ref=True)
+        assert result.cases[0].rows == expected.cases[0].rows, name
+        assert result.notes == ["reference resampled onto the prediction's grid (nearest neighbour, world space) "
+                                "for 1 case(s): p"]
+    far = a.copy()
+    far[:3, 3] += 500.0
+    save_volume(tmp_path / "far.nii.gz", ref, far, dtype=np.uint8)
+    with pytest.raises(MimError, match="does not overlap the prediction"):
+        evaluate_files([(tmp_path / "p.nii.gz", tmp_path / "far.nii.gz", "p")], LABELS, resample_ref=True)
 
 
 def test_shape_mismatch_and_non_label_files(tmp_path):
@@ -332,7 +363,9 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
     proc = _mim("--pred", pred_dir, "--ref", other)
     assert proc.returncode == 2
     assert "mim: error: Prediction" in proc.stderr and "not on the same voxel grid: origin (RAS)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "--resample-ref" in proc.stderr
+    proc = _mim("--pred", pred_dir, "--ref", other, "--resample-ref")  # shifted 2.5 mm = one voxel along z
+    assert proc.returncode == 0 and "reference resampled onto the prediction's grid" in proc.stderr
     proc = _mim("--pred", pred_dir / "case_a.nii.gz", "--ref", ref_dir / "nothing.nii.gz")
     assert proc.returncode == 2 and "--ref: no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -74,6 +74,28 @@ def test_resume_is_exact_and_events_carry_loss_dice_eta(tmp_path, cases, capsys)
     assert bundle.description["architecture"]["out_channels"] == 3
     best = max(json.loads(ln)["dice"] for ln in (tmp_path / "a" / "validation.jsonl").read_text(encoding="utf-8").splitlines())
     assert bundle.description["training"]["validation_dice"] == pytest.approx(best, abs=1e-4)
+    assert bundle.description["training"]["kept"] == "best"
+
+
+def test_keep_last_holds_the_final_model(tmp_path, cases, capsys):
+    """--keep last: the bundle is the last validated model (the final checkpoint's weights),
+    whatever the Dice did; the default keeps the best one."""
+    rc, events = finetune(tmp_path, cases, "--steps", "4", "--val-every", "2", "--lr", "3e-2", "--keep", "last",
+                          capsys=capsys)
+    assert rc == 0 and events[-1]["kept"] == "last"
+    bundle = load_bundle(tmp_path / "model")
+    final = load_file(tmp_path / "checkpoint_00000004.safetensors")
+    kept = load_file(next((tmp_path / "model").glob("*.safetensors")))
+    assert kept.keys() == final.keys()
+    for k in final:
+        np.testing.assert_array_equal(kept[k].numpy(), final[k].numpy(), err_msg=k)
+    last = json.loads((tmp_path / "validation.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    training = bundle.description["training"]
+    assert training["step"] == 4 and training["kept"] == "last"
+    assert training["validation_dice"] == pytest.approx(last["dice"], abs=1e-4)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(tmp_path / "x", cases, "--steps", "1", "--keep", "worst")
+    assert exit_info.value.code == 2 and "invalid choice: 'worst'" in capsys.readouterr().err
 
 
 def test_starting_from_a_bundle_keeps_or_replaces_the_head(tmp_path, cases, capsys):

@@ -43,7 +43,7 @@ def test_checkpoint_is_complete_and_verified(tmp_path, ct_folder, capsys):
     assert pretrain(tmp_path, ct_folder, "--steps", "1") == 0
     meta = json.loads((tmp_path / "checkpoint_00000001.json").read_text(encoding="utf-8"))
     assert meta["preset"] == "tiny" and meta["step"] == 1 and meta["model"]["input_size"] == 32
-    assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS"}
+    assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS", "spacing": None}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
     # a modified weights file is refused with a clear message
     w = tmp_path / "checkpoint_00000001.safetensors"
@@ -52,6 +52,42 @@ def test_checkpoint_is_complete_and_verified(tmp_path, ct_folder, capsys):
     w.write_bytes(bytes(data))
     assert pretrain(tmp_path, ct_folder, "--steps", "2", "--resume") == 2
     assert "does not match the sha256" in capsys.readouterr().err
+
+
+def test_spacing_resamples_and_must_match_on_resume(tmp_path, ct_folder, capsys):
+    """--spacing resamples before cropping (kept in the checkpoint); resuming with another
+    --spacing or --hu-window is refused; a bad --spacing is a clear error."""
+    from mimcore.data.preprocess import Preprocessing, deterministic_transforms
+    from mimcore.data.volume_io import load_volume
+
+    src = load_volume(ct_folder / "ct0.nii.gz")  # (70, 66, 60) at 0.8 x 0.9 x 2.5 mm, a sphere at the centre
+    out = deterministic_transforms(8, Preprocessing(spacing=(1.6, 1.8, 1.25)))({"image": str(ct_folder / "ct0.nii.gz")})
+    img = out["image"]
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0), [1.6, 1.8, 1.25], atol=1e-6)
+    extent_in = np.array(src.shape) * src.spacing
+    extent_out = np.array(img.shape[1:]) * np.array([1.6, 1.8, 1.25])
+    assert np.all(np.abs(extent_out - extent_in) <= np.array([1.6, 1.8, 1.25]))  # the same field of view
+
+    def centroid(array, affine):  # the sphere's centre of mass in RAS mm (window [0, 1]: bright = inside)
+        idx = np.argwhere(array > 0.5)
+        return (np.asarray(affine)[:3, :3] @ idx.mean(0)) + np.asarray(affine)[:3, 3]
+
+    raw = np.clip((src.array + 1000) / 2000, 0, 1)
+    np.testing.assert_allclose(centroid(img[0].numpy(), img.affine), centroid(raw, src.affine), atol=0.3)
+
+    assert pretrain(tmp_path, ct_folder, "--steps", "2", "--save-every", "1", "--spacing", "1.6", "1.8", "1.25") == 0
+    meta = json.loads((tmp_path / "checkpoint_00000001.json").read_text(encoding="utf-8"))
+    assert meta["preprocessing"]["spacing"] == [1.6, 1.8, 1.25]
+    capsys.readouterr()
+    for other in (["--spacing", "1.6", "1.8", "2.5"], [], ["--spacing", "1.6", "1.8", "1.25", "--hu-window", "-175", "250"]):
+        assert pretrain(tmp_path, ct_folder, "--steps", "3", "--resume", *other) == 2
+        err = capsys.readouterr().err
+        assert "other preprocessing" in err and "--spacing 1.6 1.8 1.25" in err and "Traceback" not in err
+    assert pretrain(tmp_path, ct_folder, "--steps", "3", "--resume", "--spacing", "1.6", "1.8", "1.25") == 0
+    assert (tmp_path / "checkpoint_00000003.json").is_file()
+    assert pretrain(tmp_path / "bad", ct_folder, "--steps", "1", "--spacing", "1", "0", "1") == 2
+    err = capsys.readouterr().err
+    assert "three positive sizes" in err and "Traceback" not in err
 
 
 def test_lr_scaling_and_param_groups():

@@ -255,6 +255,35 @@ def test_padding_near_the_edge(setup, capsys):
     np.testing.assert_allclose(vol.array[outside], -1000.0, atol=1e-3)
 
 
+def test_checkpoint_with_resampling(setup, result, tmp_path):
+    """A checkpoint pre-trained with ``--spacing`` is shown on that grid: the crop keeps the
+    oriented (tilted) axes at the new voxel size, and every voxel still holds the source's
+    intensity at its world position (trilinear resampling of a linear function is exact)."""
+    spacing = np.array([0.6, 0.85, 1.1])  # RAS axes; the crop (64 voxels) fits inside the volume
+    torch.manual_seed(0)
+    meta = {"model": CFG.to_dict(), "mim": MiMConfig().to_dict(), "preset": "tiny",
+            "preprocessing": Preprocessing(spacing=tuple(spacing)).to_dict()}
+    ckpt = save_checkpoint(tmp_path / "run", 1, MiMPretrainModel(CFG), meta)
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--checkpoint", str(ckpt), "--image", str(setup["image"]),
+                 "--center", *[f"{v:.6f}" for v in WORLD_CENTER], "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["preprocessing"]["spacing"] == spacing.tolist()
+    assert summary["crop"]["padded_fraction"] == 0.0
+    crop_affine = np.array(summary["crop"]["affine"])
+    np.testing.assert_allclose(np.linalg.norm(crop_affine[:3, :3], axis=0), spacing, atol=1e-6)
+    plain = np.array(result[1]["crop"]["affine"])[:3, :3]  # the same image without resampling
+    np.testing.assert_allclose(crop_affine[:3, :3] / spacing, plain / np.linalg.norm(plain, axis=0),
+                               atol=1e-6)  # same oriented axes, only the voxel size differs
+    assert np.linalg.norm(np.array(summary["crop"]["center_ras"]) - WORLD_CENTER) < np.linalg.norm(spacing)
+    for entry in summary["levels"][1]["volumes"]:  # level 2: crop resolution
+        vol = load_volume(out / entry["files"]["original"])
+        np.testing.assert_allclose(vol.spacing, spacing, atol=1e-5)
+        np.testing.assert_allclose(vol.array, hu_at(world_of_voxels(vol.affine, vol.shape)), atol=2e-2)
+    lv1 = load_volume(out / summary["levels"][0]["volumes"][0]["files"]["original"])
+    np.testing.assert_allclose(lv1.spacing, 2 * spacing, atol=1e-5)
+
+
 def test_real_entry_point_json_progress(setup, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -13,8 +13,9 @@ import torch
 
 from mimcore.bundles.bundle import load_bundle, save_bundle
 from mimcore.data.labels import labels_from_names
+from mimcore.data.regrid import labels_to_grid
 from mimcore.data.volume_io import Volume, load_volume, save_volume
-from mimcore.inference.segment import Segmenter, labels_to_grid, preprocess
+from mimcore.inference.segment import Segmenter, preprocess
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models.presets import get_preset
 from mimcore.models.segnet import MiMSegNet, architecture_dict

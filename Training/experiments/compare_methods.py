@@ -604,33 +604,29 @@ def ref_map(bundle_dir: Path, names: dict[str, str], dry_run: bool) -> str | Non
     return ",".join(pairs) or None
 
 
-def reference_on_grid(pred: Path, ref: Path, dst: Path) -> str:
-    """Put the reference on the prediction's voxel grid: a link when the grids agree, else
-    a nearest-neighbour resampling in world space (SimpleITK). Returns what was done."""
-    import SimpleITK as sitk
+def link_reference(ref: Path, folder: Path, case: str) -> Path:
+    """``folder/<case><suffix>``, named like the prediction so that `mim evaluate` pairs them: a
+    link to the reference ``ref`` (a copy in NIfTI for the two-file formats .nhdr/.mhd, whose
+    data file would not follow a link). `mim evaluate --resample-ref` then puts it on the
+    prediction's grid where the grids differ (the CT series' reference is stored with its
+    rows flipped)."""
+    name = ref.name.lower()
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ref.suffix.lower()
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{case}.*"):
+        old.unlink()
+    if suffix in (".nhdr", ".mhd"):
+        import SimpleITK as sitk
 
-    def info(path):
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(path))
-        r.ReadImageInformation()
-        return r.GetSize(), r.GetSpacing(), r.GetOrigin(), r.GetDirection()
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    a, b = info(pred), info(ref)
-    same = a[0] == b[0] and all(abs(x - y) < 1e-5 for i in (1, 2, 3) for x, y in zip(a[i], b[i]))
-    if same and ref.name.endswith(".nii.gz"):
-        try:
-            dst.symlink_to(ref)
-            return "same grid"
-        except OSError:
-            shutil.copyfile(ref, dst)
-            return "same grid"
-    pred_img, ref_img = sitk.ReadImage(str(pred)), sitk.ReadImage(str(ref))
-    out = sitk.Resample(ref_img, pred_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, ref_img.GetPixelID())
-    sitk.WriteImage(out, str(dst), True)
-    return "resampled onto the prediction's grid (nearest neighbour, world space)"
+        dst = folder / f"{case}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(ref)), str(dst), True)
+        return dst
+    dst = folder / f"{case}{suffix}"
+    try:
+        dst.symlink_to(ref.resolve())
+    except OSError:
+        shutil.copyfile(ref, dst)
+    return dst
 
 
 def run_arm(cfg: dict, data: dict, out: Path, runner: Runner, arm: Arm, seed: int) -> None:
@@ -658,17 +654,17 @@ def run_arm(cfg: dict, data: dict, out: Path, runner: Runner, arm: Arm, seed: in
                           *flags(cfg.get("segment", {}).get("args", {})))
                 print(f"[run] segment {case['case']} ({tag})\n$ {shell(cmd)}", flush=True)
                 walls.append(run_cli(cmd, folder, "segment")["wall_s"])
-            grids = {c["case"]: reference_on_grid(folder / "pred" / f"{c['case']}.nii.gz", Path(c["label"]),
-                                                  folder / "ref" / f"{c['case']}.nii.gz") for c in data["test"]}
+            for c in data["test"]:
+                link_reference(Path(c["label"]), folder / "ref", c["case"])
             write_json(folder / "study_segment.json", {"stage": "segment", "wall_s": round(sum(walls), 2),
-                                                       "references": grids, "finished": now(),
+                                                       "finished": now(),
                                                        "total_s": round(time.perf_counter() - t0, 2)})
     else:
         runner.skipped.append(("segment", str(folder)))
         print(f"[skip] segment ({tag}): done", flush=True)
     mapping = ref_map(folder / "model", data["names"], runner.dry_run)
     cmd = mim("evaluate", "--pred", folder / "pred", "--ref", folder / "ref", "--labels", folder / "model",
-              "--out", folder / "eval", *(["--ref-map", mapping] if mapping else []))
+              "--out", folder / "eval", "--resample-ref", *(["--ref-map", mapping] if mapping else []))
     runner.step(folder, "evaluate", cmd, f"evaluate {tag}")
 
 
@@ -922,7 +918,10 @@ def write_results(cfg: dict, out: Path, results_dir: Path, data: dict, study: di
         f"`mim finetune` options {' '.join(flags(ft.get('args', {})))}; the same for every arm and seed.",
         f"- **Evaluation:** `mim segment` + `mim evaluate` on {len(data['test'])} held-out labelled case(s) "
         f"({', '.join(results['test_cases'][:6])}{', …' if len(results['test_cases']) > 6 else ''}) with the model "
-        + ("that scored best at validation on these same case(s) (there is no third labelled case; the published "
+        + ("of the last fine-tuning step (`--keep last`: no model selection; the validation curves are computed on "
+           + ("these same case(s) but choose nothing)." if val_on == "test" else "the training case(s).")
+           if ft.get("args", {}).get("keep") == "last" else
+           "that scored best at validation on these same case(s) (there is no third labelled case; the published "
            "BTCV results also report their validation cases)." if val_on == "test" else
            "that scored best at validation on the training case(s) (the curves then show the fit to the training "
            "case, not generalisation)."),

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "95th-percentile Hausdorff distance in mm (MONAI), voxel counts and volumes in ml. Prints a "
                     "per-label summary (mean ± std with the number of cases each is over); --out/--csv/--json "
                     "also write the per-case table and everything as JSON. Prediction and reference must be on "
-                    "the same voxel grid.",
+                    "the same voxel grid, unless --resample-ref moves the reference onto the prediction's.",
     )
     parser.add_argument("--pred", required=True, metavar="FILE_OR_DIR",
                         help="Predicted label map (NIfTI, NRRD, .seg.nrrd, MetaImage) or a folder of them.")
@@ -39,6 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Renumber the reference first, e.g. '5:1,1:2' to score a TotalSegmentator map "
                              "(liver 5, spleen 1) against a model with liver 1, spleen 2; other values "
                              "become background.")
+    parser.add_argument("--resample-ref", action="store_true",
+                        help="A reference on another voxel grid than its prediction (another spacing, a "
+                             "flipped or reordered axis, a crop) is resampled onto the prediction's grid "
+                             "(nearest neighbour, in world space) instead of being refused.")
     parser.add_argument("--out", metavar="DIR", help="Write DIR/evaluation.csv and DIR/evaluation.json.")
     parser.add_argument("--csv", metavar="FILE", help="Write the per case x label table here (CSV).")
     parser.add_argument("--json", metavar="FILE", help="Write per-case results and the summary here (JSON).")
@@ -135,7 +139,8 @@ def handler(args: argparse.Namespace) -> int:
             ref_map = {int(a): int(b) for a, b in (item.split(":") for item in args.ref_map.split(","))}
         except ValueError:
             raise MimError(f"--ref-map {args.ref_map!r}: write old:new value pairs, e.g. 5:1,1:2") from None
-    evaluation = evaluate_files(pairs, labels, label_map_ref=ref_map, progress=progress)
+    evaluation = evaluate_files(pairs, labels, label_map_ref=ref_map, progress=progress,
+                                resample_ref=args.resample_ref)
     for note in evaluation.notes:
         print(f"mim: note: {note}", file=sys.stderr, flush=True)
     print(format_summary(evaluation))

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         description="Fine-tune a segmentation network from a pre-trained encoder or an existing model bundle: "
                     "the MiM network (ConvViT3D encoder + SwinUNETR-style decoder) for MiM and ConvViT3D "
                     "checkpoints, UNETR for ViT checkpoints (MAE, SimMIM), SwinUNETR for Swin checkpoints "
-                    "(GMIM). The best model (validation Dice) is written as a model bundle to OUTPUT/model.",
+                    "(GMIM). The best model (validation Dice; or the last, --keep last) is written as a model bundle "
+                    "to OUTPUT/model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--datalist", help="MONAI-style datalist JSON ('training'/'validation' entries with "
@@ -61,6 +62,10 @@ def add_parser(sub) -> None:
     val = p.add_argument_group("validation")
     val.add_argument("--val-every", type=int, help="validate every N steps (default: 5 times per run)")
     val.add_argument("--early-stop", type=int, default=0, help="stop after N validations without a better Dice")
+    val.add_argument("--keep", choices=("best", "last"), default="best",
+                     help="which model OUTPUT/model holds: the best validation Dice, or the last validated one "
+                          "(use 'last' when the validation cases are also the reported ones, so that the "
+                          "choice does not flatter the result)")
     val.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     val.add_argument("--sw-batch", type=int, default=2, help="windows per network call")
     job = p.add_argument_group("run")
@@ -86,6 +91,7 @@ def run(ns: argparse.Namespace) -> int:
             values[key] = tuple(values[key])
     summary = run_finetune(FinetuneArgs(**values))
     if ns.progress != "json" and summary.get("model"):
-        print(f"best validation Dice {summary['best_dice']:.4f} (step {summary['best_step']}); "
+        kept = "" if summary["kept"] == "best" else f"; the bundle holds step {summary['step']} (--keep last)"
+        print(f"best validation Dice {summary['best_dice']:.4f} (step {summary['best_step']}){kept}; "
               f"model bundle: {summary['model']}; curves: {summary['curves']}")
     return 0

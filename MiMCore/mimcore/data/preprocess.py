@@ -1,38 +1,65 @@
-"""CT preprocessing for MiM pre-training (methods.md, "Optimisation and data"):
-orientation RAS, clip HU to [-1000, 1000] scaled to [0, 1], pad to the crop size,
-random crop; no resampling, no augmentation. Built from MONAI dictionary transforms.
+"""CT preprocessing for pre-training (methods.md, "Optimisation and data"):
+orientation RAS, optional resampling, clip HU to a window scaled to [0, 1], pad to the
+crop size, random crop; no augmentation. Built from MONAI dictionary transforms.
+
+MiM and GMIM are published without resampling (the default); the MAE/SimMIM BTCV recipe
+resamples to 1.5 x 1.5 x 2 mm first (``spacing=(1.5, 1.5, 2.0)``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from monai.transforms import Compose, EnsureTyped, Orientationd, RandSpatialCropd, ScaleIntensityRanged, SpatialPadd
+from monai.transforms import (Compose, EnsureTyped, Orientationd, RandSpatialCropd, ScaleIntensityRanged,
+                              Spacingd, SpatialPadd)
 
 from mimcore.data.transforms import LoadVolumed
+from mimcore.errors import MimError
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Intensity window (HU) mapped to [0, 1] and the orientation every volume is put in."""
+    """Intensity window (HU) mapped to [0, 1], the orientation every volume is put in and
+    the voxel size (mm, along the oriented axes) it is resampled to (None: kept)."""
 
     hu_min: float = -1000.0
     hu_max: float = 1000.0
     orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.hu_max <= self.hu_min:
+            raise MimError(f"the HU window [{self.hu_min:g}, {self.hu_max:g}] is empty; give MIN < MAX "
+                           "(e.g. --hu-window -1000 1000)")
+        if self.spacing is not None:
+            try:
+                spacing = tuple(float(v) for v in self.spacing)
+            except (TypeError, ValueError):
+                spacing = ()
+            if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
+                raise MimError(f"spacing {self.spacing!r} is not three positive sizes in mm; "
+                               "give e.g. --spacing 1.5 1.5 2")
+            object.__setattr__(self, "spacing", spacing)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["spacing"] is not None:
+            d["spacing"] = list(d["spacing"])
+        return d
 
 
 def deterministic_transforms(crop_size: int, prep: Preprocessing = Preprocessing()) -> Compose:
     """{"image": path} -> {"image": MetaTensor (1, X', Y', Z') in [0, 1], every side >= crop_size}.
 
+    With ``prep.spacing`` the volume is resampled (trilinear, on the oriented grid) first.
     Padding uses 0, i.e. air at the lower end of the window. The MetaTensor's affine
     follows every step, so a crop can be placed back in the patient.
     """
+    resample = [Spacingd(keys="image", pixdim=prep.spacing, mode="bilinear")] if prep.spacing else []
     return Compose([
         LoadVolumed(keys="image"),
         Orientationd(keys="image", axcodes=prep.orientation, labels=None),
+        *resample,
         ScaleIntensityRanged(keys="image", a_min=prep.hu_min, a_max=prep.hu_max, b_min=0.0, b_max=1.0, clip=True),
         SpatialPadd(keys="image", spatial_size=(crop_size,) * 3, mode="constant", value=0.0),
         EnsureTyped(keys="image", dtype="float32"),

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mimcore.data.labels import Label, default_color, present_values, remap_array, to_label_array
-from mimcore.data.volume_io import itk_message, quiet_itk, affine_from_sitk, sitk_geometry
+from mimcore.data.volume_io import affine_from_sitk, itk_message, quiet_itk, to_sitk
 from mimcore.errors import MimError
 from mimcore.files import atomic_write
 
@@ -105,11 +105,7 @@ def save_seg_nrrd(path: str | os.PathLike, labels, affine: np.ndarray, segments:
                        "(or remap them to 0 first), otherwise Slicer would not show those voxels.")
     if max(values, default=0) > 255:
         labels = labels.astype(np.uint16, copy=False)
-    origin, spacing, direction = sitk_geometry(affine)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0)))
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
+    image = to_sitk(labels, affine)
     for key, value in seg_nrrd_header(labels.shape, affine, segments).items():
         image.SetMetaData(key, value)
 

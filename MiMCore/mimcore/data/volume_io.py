@@ -293,6 +293,16 @@ def _prepare_array(array, dtype) -> np.ndarray:
     return array.astype(dtype, copy=False)
 
 
+def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image (LPS geometry) of ``array`` ``(X, Y, Z)`` placed by its RAS ``(4, 4)`` affine."""
+    origin, spacing, direction = sitk_geometry(affine)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
 def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None,
                 reference: Volume | str | os.PathLike | None = None, dtype=None) -> Path:
     """Write ``array`` (``(X, Y, Z)`` or ``(1, X, Y, Z)``, numpy or torch) with its RAS affine.
@@ -317,11 +327,7 @@ def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None
             affine = ref.affine
     if affine is None:
         raise MimError("save_volume needs an affine or a reference volume to place the array in space.")
-    origin, spacing, direction = sitk_geometry(affine)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
+    image = to_sitk(array, affine)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with quiet_itk():

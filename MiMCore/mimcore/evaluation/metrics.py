@@ -183,9 +183,9 @@ class Evaluation:
                 "notes": self.notes}
 
 
-def check_same_grid(pred: Volume, ref: Volume) -> None:
-    """Raise MimError (saying what differs and what to do) unless both volumes share one grid:
-    same shape, and spacing, origin and axis directions equal within float32-storage tolerance."""
+def grid_differences(pred: Volume, ref: Volume) -> list[str]:
+    """How two grids differ (empty when they are one grid: same shape, and spacing, origin and
+    axis directions equal within float32-storage tolerance)."""
     problems = []
     if pred.shape != ref.shape:
         problems.append(f"shape {pred.shape} vs {ref.shape}")
@@ -197,11 +197,30 @@ def check_same_grid(pred: Volume, ref: Volume) -> None:
                             f"{np.round(ref.origin_ras, 4).tolist()} mm")
         if not np.allclose(pred.direction_ras, ref.direction_ras, rtol=0, atol=DIRECTION_TOL):
             problems.append("axis directions differ (e.g. one is flipped, reoriented or oblique)")
+    return problems
+
+
+def check_same_grid(pred: Volume, ref: Volume) -> None:
+    """Raise MimError (saying what differs and what to do) unless both volumes share one grid."""
+    problems = grid_differences(pred, ref)
     if problems:
         raise MimError(f"Prediction {pred.source} and reference {ref.source} are not on the same voxel grid: "
-                       f"{'; '.join(problems)}. Metrics need both on one grid: resample the prediction onto the "
-                       "reference (nearest neighbour, e.g. in 3D Slicer: Resample Image (BRAINS) with the "
-                       "reference as reference volume), or check that the files belong together.")
+                       f"{'; '.join(problems)}. Metrics need both on one grid: pass --resample-ref to move "
+                       "the reference onto the prediction's grid (nearest neighbour, in world space), or "
+                       "check that the files belong together.")
+
+
+def reference_on_grid(ref: Volume, pred: Volume) -> Volume:
+    """``ref``'s labels on ``pred``'s grid (nearest neighbour in world space). Raises MimError
+    when the reference has labels but none of them falls inside the prediction's grid."""
+    from mimcore.data.regrid import labels_to_grid
+
+    moved = labels_to_grid(ref.array, ref.affine, pred)
+    if present_values(ref.array) and not present_values(moved):
+        raise MimError(f"The reference {ref.source} does not overlap the prediction {pred.source} in space: "
+                       "none of its labelled voxels lies inside the prediction's grid. Check that the files "
+                       "belong to the same image.")
+    return Volume(moved, pred.affine.copy(), ref.source)
 
 
 def _load_labels(path: str | os.PathLike) -> tuple[Volume, list[Label]]:
@@ -220,7 +239,8 @@ def _load_labels(path: str | os.PathLike) -> tuple[Volume, list[Label]]:
 
 def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, str]],
                    labels: Sequence[Label] | None = None, label_map_ref: dict[int, int] | None = None,
-                   progress: Callable[[int, int, str], None] | None = None) -> Evaluation:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   resample_ref: bool = False) -> Evaluation:
     """Score prediction files against reference files.
 
     pairs:         ``(prediction path, reference path, case id)`` per case; any volume
@@ -231,8 +251,11 @@ def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
                    scoring (e.g. a TotalSegmentator reference against a 5-class model);
                    reference values not in it become background. None: used as is.
     progress:      called as ``progress(i, n, case_id)`` after each case.
+    resample_ref:  a reference on another grid than its prediction is moved onto the
+                   prediction's grid (nearest neighbour, world space; noted in ``notes``)
+                   instead of being refused.
     Raises MimError for an unreadable file, a non-label-map, or a prediction and reference
-    on different grids. Values in the files that are not in ``labels`` are ignored, with a
+    on different grids (without ``resample_ref``). Values in the files that are not in ``labels`` are ignored, with a
     note in ``Evaluation.notes``.
     """
     if not pairs:
@@ -244,10 +267,14 @@ def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     cases: list[CaseResult] = []
     seen: set[int] = set()
     ignored: dict[int, list[str]] = {}
+    resampled: list[str] = []
     names: dict[int, str] = {}
     for i, (pred_path, ref_path, case_id) in enumerate(pairs, start=1):
         pred, _ = _load_labels(pred_path)
         ref, ref_segments = _load_labels(ref_path)
+        if resample_ref and grid_differences(pred, ref):
+            ref = reference_on_grid(ref, pred)
+            resampled.append(str(case_id))
         check_same_grid(pred, ref)
         ref_array = ref.array if label_map_ref is None else remap_array(ref.array, label_map_ref)
         if label_map_ref is None:
@@ -275,6 +302,9 @@ def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
             for row in case.rows:
                 row["name"] = names.get(row["value"], row["name"])
     notes = []
+    if resampled:
+        notes.append(f"reference resampled onto the prediction's grid (nearest neighbour, world space) for "
+                     f"{len(resampled)} case(s): {', '.join(resampled[:10])}{' ...' if len(resampled) > 10 else ''}")
     if ignored:
         listing = ", ".join(f"{v} (in {len(c)} case{'s' if len(c) > 1 else ''})" for v, c in sorted(ignored.items()))
         notes.append(f"label values not in the label list were ignored: {listing}")

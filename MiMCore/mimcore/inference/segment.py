@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import KeepLargestConnectedComponent, Orientation, ScaleIntensityRange, Spacing
 
+from mimcore.data.regrid import labels_to_grid
 from mimcore.data.transforms import volume_to_metatensor
-from mimcore.data.volume_io import Volume, sitk_geometry
+from mimcore.data.volume_io import Volume
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
@@ -40,28 +40,6 @@ def preprocess(vol: Volume, prep: dict, lazy: bool = False) -> MetaTensor:
     if lazy:
         return img
     return ScaleIntensityRange(a_min=prep["hu_min"], a_max=prep["hu_max"], b_min=0.0, b_max=1.0, clip=True)(img)
-
-
-def _sitk_image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    origin, spacing, direction = sitk_geometry(affine)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    img.SetOrigin(origin)
-    img.SetSpacing(spacing)
-    img.SetDirection(direction)
-    return img
-
-
-def labels_to_grid(labels: np.ndarray, affine: np.ndarray, reference: Volume) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map (X', Y', Z') with RAS ``affine`` onto the
-    reference volume's grid: -> (X, Y, Z) of ``reference.shape``, same dtype."""
-    src = _sitk_image(labels, affine)
-    ref = sitk.Image([int(s) for s in reference.shape], sitk.sitkUInt8)
-    origin, spacing, direction = sitk_geometry(reference.affine)
-    ref.SetOrigin(origin)
-    ref.SetSpacing(spacing)
-    ref.SetDirection(direction)
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, src.GetPixelID())
-    return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(labels.dtype, copy=False)
 
 
 class Segmenter:

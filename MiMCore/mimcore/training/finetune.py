@@ -5,8 +5,9 @@ starts from (:mod:`mimcore.training.finetune_init`).
 
 DiceCE loss, AdamW (layer-wise lr decay optional) with warm-up + cosine, mixed precision
 on CUDA, DDP under ``torchrun``, exact resume from atomic checkpoints, validation every
-``val_every`` steps by sliding-window inference with per-class Dice, the best model kept
-as a model bundle (``<output>/model``), early stopping, TensorBoard, ``--progress json``
+``val_every`` steps by sliding-window inference with per-class Dice, the best model (or,
+with ``keep="last"``, the last validated one) kept as a model bundle (``<output>/model``),
+early stopping, TensorBoard, ``--progress json``
 events, and a PNG of the curves at the end.
 """
 
@@ -79,6 +80,7 @@ class FinetuneArgs:
     seed: int = 0
     val_every: int | None = None
     early_stop: int = 0  # validations without improvement before stopping; 0 = never
+    keep: str = "best"  # the bundle holds the best-validated model ("best") or the last validated one ("last")
     overlap: float = 0.5
     sw_batch: int = 2
     save_every: int = 0
@@ -155,6 +157,8 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     total = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
     warmup = min(total // 2, args.warmup_steps if args.warmup_steps is not None else max(1, total // 20))
     val_every = args.val_every or max(1, total // 5)
+    if args.keep not in ("best", "last"):
+        raise MimError(f"keep must be 'best' or 'last', not {args.keep!r}")
 
     start, best, best_step, stale = 0, -1.0, 0, 0
     if resume_from is not None:
@@ -219,6 +223,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
         desc = dict(bundle_desc, training={
             "method": "mim-finetune", "mimcore_version": __version__, "step": step, "total_steps": total,
             "validation_dice": dice, "validation_per_class": per_class, "validated_on_training_cases": bool(val_note),
+            "kept": args.keep,
             "init": init_report.to_dict() if init_report else None, "train_cases": len(train_cases),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "args": _jsonable(asdict(args))})
@@ -263,9 +268,10 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
                     improved = score > best
                     if improved:
                         best, best_step, stale = score, step, 0
-                        save_bundle_now(step, score, per_class)
                     else:
                         stale += 1
+                    if improved if args.keep == "best" else True:
+                        save_bundle_now(step, score, per_class)
                     record = {"step": step, "dice": round(score, 4), "per_class": per_class,
                               "best_dice": round(best, 4), "best_step": best_step}
                     with open(val_path, "a") as f:
@@ -293,6 +299,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     if writer is not None:
         writer.close()
     summary = {"step": step, "total": total, "metrics": metrics, "best_dice": best, "best_step": best_step,
+               "kept": args.keep,
                "weights_sha256": weights_digest(net), "output": str(run_dir), "rank": dist_info.rank,
                "early_stopped": stop}
     if dist_info.is_main:

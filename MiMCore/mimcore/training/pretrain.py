@@ -65,6 +65,7 @@ class PretrainArgs:
     progress: str = "bar"
     tensorboard: bool = True
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    spacing: tuple[float, float, float] | None = None  # resample to this voxel size (mm); None: keep
     mim: dict = field(default_factory=dict)  # MiM settings (--mim), kept for existing recipes
     method: str = "mim"
     backbone: str | None = None  # None: the method's default (registry.DEFAULT_BACKBONE)
@@ -115,7 +116,8 @@ def method_options(args: PretrainArgs) -> dict:
 
 
 def check_resumable(meta: dict, run_meta: dict, path: Path) -> None:
-    """MimError unless the checkpoint ``meta`` was made by the same method, backbone and size."""
+    """MimError unless the checkpoint ``meta`` was made by the same method, backbone, size and
+    preprocessing (``run_meta["preprocessing"]``, a :class:`Preprocessing`) as this run."""
     method, backbone = checkpoint_method(meta)
     if (method, backbone) != (run_meta["method"], run_meta["backbone"]):
         raise MimError(f"{path} was pre-trained with --method {method} --backbone {backbone} "
@@ -124,12 +126,23 @@ def check_resumable(meta: dict, run_meta: dict, path: Path) -> None:
                        "or start a new run in another --output folder")
     if meta.get("model") != run_meta["model"]:
         raise MimError(f"{path} was made with another model size; resume with --preset {meta.get('preset')}")
+    old, new = Preprocessing(**meta.get("preprocessing", {})), run_meta["preprocessing"]
+    if old != new:
+        raise MimError(f"{path} was pre-trained on other preprocessing ({_prep_options(old)}) than this run "
+                       f"({_prep_options(new)}); resume with the same options, or start a new run in another "
+                       "--output folder")
+
+
+def _prep_options(prep: Preprocessing) -> str:
+    """The command-line options that give ``prep``."""
+    spacing = " ".join(f"{v:g}" for v in prep.spacing) if prep.spacing else "none"
+    return f"--hu-window {prep.hu_min:g} {prep.hu_max:g}, --spacing {spacing}"
 
 
 def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
     run_dir = Path(args.output)
     options = method_options(args)
-    prep = Preprocessing(hu_min=args.hu_window[0], hu_max=args.hu_window[1])
+    prep = Preprocessing(hu_min=args.hu_window[0], hu_max=args.hu_window[1], spacing=args.spacing)
     volumes = find_volumes(args.datalist, args.data_dir, args.section)
     resume_from = None
     if args.resume:
@@ -152,7 +165,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     start = 0
     if resume_from is not None:
         meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True)
-        check_resumable(meta, model_meta, resume_from)
+        check_resumable(meta, {**model_meta, "preprocessing": prep}, resume_from)
         model.load_state_dict(weights)
         if optim_state is None:
             raise MimError(f"{resume_from} holds no optimizer state; it cannot be resumed exactly")

@@ -37,7 +37,7 @@ bench: setup
 	$(BIN)/python Testing/benchmarks/bench_segment.py
 
 # The comparison study (Training/experiments/README.md): scratch, MAE, SimMIM, GMIM and MiM under one
-# budget on the sample CTs; about an hour on a 2-core CPU, resumable (run it again to continue).
+# budget on the sample CTs; about 30 min on a 2-core CPU, resumable (run it again to continue).
 # STUDY_ARGS passes options on, e.g. STUDY_ARGS="--dry-run" or "--results-dir Training/experiments/results/small".
 STUDY_OUT ?= study_output/small
 STUDY_ARGS ?=

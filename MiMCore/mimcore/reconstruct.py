@@ -351,8 +351,9 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
                 notice: Callable[[str], None] | None = None) -> ReconstructionResult:
     """Run the whole ``mim reconstruct``: returns where everything was written.
 
-    ``progress(step, total, metrics)`` is called after each level is reconstructed and
-    written; ``notice(message)`` with things the user should know (padding).
+    ``progress(step, total, metrics)`` is called with step 0 once the crop is ready and the
+    number of levels known, then after each level is reconstructed and written;
+    ``notice(message)`` with things the user should know (padding).
     """
     from mimcore.data.preprocess import Preprocessing
     from mimcore.data.volume_io import load_volume, save_volume
@@ -401,6 +402,8 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
         def results():
             yield single, voxel_mask
 
+    if progress is not None:
+        progress(0, total, {})
     summary_levels, files, level_dirs, losses, sheet_rows = [], [], [], [], []
     for li, (res, hid) in enumerate(results(), start=1):
         folder = out / f"level{li}"

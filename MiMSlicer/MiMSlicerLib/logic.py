@@ -325,8 +325,14 @@ class MiMSlicerLogic:
                              + ", ".join(f"'{n}'" for n in match.unknown) + " match no label and are left out")
             entries.append({"image": image.name, "label": f"case{i:03d}_label.nrrd",
                             "volume": volume.GetName(), "segmentation": segmentation.GetName()})
-        datalist = {"name": "annotated cases from 3D Slicer", "labels": {str(v): n for v, n in
-                                                                        enumerate(label_names, start=1)},
+        colors = _segment_colors(pairs)
+        labels = []
+        for value, name in enumerate(label_names, start=1):
+            entry = {"value": value, "name": name}
+            if normalize_name(name) in colors:  # the model paints the class as the user drew it
+                entry["color"] = colors[normalize_name(name)]
+            labels.append(entry)
+        datalist = {"name": "annotated cases from 3D Slicer", "labels": labels,
                     "training": entries, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = folder / "datalist.json"
         path.write_text(json.dumps(datalist, indent=2), encoding="utf-8")
@@ -342,6 +348,18 @@ def _segment_names(pairs) -> list[str]:
                 seen.add(normalize_name(name))
                 names.append(name)
     return names
+
+
+def _segment_colors(pairs) -> dict[str, list[int]]:
+    """``{normalized segment name: [r, g, b] 0-255}``, the first case's colour for each name."""
+    colors: dict[str, list[int]] = {}
+    for _volume, segmentation in pairs:
+        seg = segmentation.GetSegmentation()
+        for segment_id, name in segments(segmentation):
+            key = normalize_name(name)
+            if key not in colors:
+                colors[key] = [int(round(min(1.0, max(0.0, c)) * 255)) for c in seg.GetSegment(segment_id).GetColor()]
+    return colors
 
 
 def _file_case_args(path: Path, label_names: list[str] | None) -> list[str]:

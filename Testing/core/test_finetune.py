@@ -112,6 +112,32 @@ def test_starting_from_a_bundle_keeps_or_replaces_the_head(tmp_path, cases, caps
     assert load_bundle(tmp_path / "other" / "model").description["architecture"]["out_channels"] == 2
 
 
+def test_datalist_label_colours_reach_the_bundle(tmp_path, cases, capsys):
+    """A datalist's labels may carry colours ([{"value", "name", "color"}]); they follow
+    --labels renumbering into the bundle, and a label without one gets its default."""
+    from mimcore.data.labels import default_color
+
+    datalist = tmp_path / "cases.json"
+    datalist.write_text(json.dumps({
+        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "liver", "color": [10, 20, 30]},
+                   {"value": 2, "name": "spleen"}],
+        "training": [{"image": str(cases / "images" / f"case{i}.nii.gz"),
+                      "label": str(cases / "labels" / f"case{i}.nii.gz")} for i in range(2)]}), encoding="utf-8")
+    rc = main(["finetune", "--datalist", str(datalist), "--labels", "spleen,liver", "--preset", "tiny",
+               "--spacing", "2", "2", "2", "--steps", "1", "--output", str(tmp_path / "run"), "--progress", "none",
+               "--no-tensorboard", "--device", "cpu"])
+    assert rc == 0
+    labels = load_bundle(tmp_path / "run" / "model").labels
+    assert [(lab["value"], lab["name"], lab["color"]) for lab in labels] == [
+        (1, "spleen", list(default_color("spleen", 1))), (2, "liver", [10, 20, 30])]
+    datalist.write_text(json.dumps({"labels": [{"value": 1, "name": "liver", "color": [300, 0, 0]}],
+                                    "training": []}), encoding="utf-8")
+    rc = main(["finetune", "--datalist", str(datalist), "--preset", "tiny", "--steps", "1",
+               "--output", str(tmp_path / "bad"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "color must be three integers 0-255" in err and "Traceback" not in err
+
+
 def test_clear_errors(tmp_path, cases, capsys):
     rc, _ = finetune(tmp_path / "x", cases, "--steps", "1", "--labels", "livr")
     assert rc == 2 and "liver" in capsys.readouterr().err  # suggests the close match

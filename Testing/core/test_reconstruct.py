@@ -293,8 +293,10 @@ def test_real_entry_point_json_progress(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     progress = [e for e in events if e["event"] == "progress"]
+    assert events[0]["event"] == "start" and events[0]["total"] == 3 and events[0]["step"] == 0
     assert [e["step"] for e in progress] == [1, 2, 3]
-    assert all(e["stage"] == "reconstruct" and e["total"] == 3 and e["eta_s"] is None for e in progress)
+    assert all(e["stage"] == "reconstruct" and e["total"] == 3 for e in progress)
+    assert all(e["eta_s"] >= 0 for e in progress) and progress[-1]["eta_s"] == 0.0
     assert events[-1]["event"] == "done"
     outputs = events[-1]["outputs"]
     assert Path(outputs["sheet"]).is_file() and Path(outputs["summary"]).is_file()

@@ -150,6 +150,10 @@ def test_finetune_from_an_edited_segmentation(logic, segmented, tiny_model):
     assert task.result == "tiny-edited"  # made a valid library name, and said so
     entry = {m["name"]: m for m in logic.models()}["tiny-edited"]
     assert entry["labels"] == LABELS  # the starting model's labels, matched to the segments by name
+    colors = {row["name"]: row["color"] for row in entry["label_table"]}
+    assert colors["spleen"] == [153, 102, 153]  # the colour the user drew "Spleen" in
+    first = {m["name"]: m for m in logic.models()}[tiny_model["name"]]
+    assert colors["liver"] == {row["name"]: row["color"] for row in first["label_table"]}["liver"]  # kept, via Slicer
     notes = " ".join(e["message"] for e in events if e["event"] == "note")
     assert "'tumour' match no label" in notes and "as 'tiny-edited'" in notes
     assert "segmentation bundle" in notes and "output layer is new" not in notes  # mimcore kept the head

@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "A run whose study_<stage>.json exists is skipped: run the same command "
                                         "again to continue an interrupted study, or add seeds/methods.")
     ap.add_argument("--scale", choices=("small", "paper"), default="small",
-                    help="small: CPU, tiny models, the sample CTs, about an hour on 2 cores; paper: published "
+                    help="small: CPU, tiny models, the sample CTs, about 30 min on 2 cores; paper: published "
                          "sizes and hyper-parameters on GPUs, your datalists (default small)")
     ap.add_argument("--config", help="study config JSON (default Training/configs/study_<scale>.json)")
     ap.add_argument("--output", help="study folder (default study_output/<scale>)")

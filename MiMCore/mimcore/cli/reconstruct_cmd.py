@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,13 +48,19 @@ def _emit(obj: dict) -> None:
 def handler(args: argparse.Namespace) -> int:
     """Handler of ``mim reconstruct``; returns 0 (MimError is turned into exit code 2 by main)."""
     from mimcore.reconstruct import reconstruct
+    from mimcore.training.progress import Progress
 
     as_json = args.progress == "json"
+    report: Progress | None = None
 
     def progress(step: int, total: int, metrics: dict) -> None:
-        if as_json:
-            _emit({"event": "progress", "stage": "reconstruct", "step": step, "total": total,
-                   "eta_s": None, "metrics": metrics})
+        nonlocal report
+        if step == 0:  # the crop is ready: from here on the time per level gives the ETA
+            report = Progress("reconstruct", total, "json" if as_json else "none")
+            report.event("start", stage="reconstruct", step=0, total=total,
+                         message=f"reconstructing {total} level(s) of {Path(args.image).name}")
+        elif as_json:
+            report.update(step, metrics)
         else:
             loss = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"level {step}/{total} reconstructed ({loss})", flush=True)

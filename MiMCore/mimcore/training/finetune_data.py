@@ -26,7 +26,7 @@ from monai.transforms import (Compose, EnsureTyped, Orientationd, RandCropByPosN
 from torch.utils.data import Dataset
 
 from mimcore.data.datalist import datalist_entries, read_datalist, volumes_from_folder
-from mimcore.data.labels import RemapLabelsd
+from mimcore.data.labels import Label, RemapLabelsd, labels_from_json
 from mimcore.data.transforms import LoadVolumed
 from mimcore.errors import MimError, user_error_in
 
@@ -139,9 +139,11 @@ def _case_name(path: Path) -> str:
     return name
 
 
-def label_names(datalist: str | None, names_flag: str | None) -> dict[int, str]:
-    """The label map's names {value: name}: ``--label-names`` ("1:liver,2:spleen" or a JSON
-    file) wins over the datalist's ``labels`` section."""
+def label_table(datalist: str | None, names_flag: str | None) -> dict[int, Label]:
+    """The label map's classes ``{value: Label}``: ``--label-names`` ("1:liver,2:spleen" or a
+    JSON file) wins over the datalist's ``labels`` section. Either JSON form may be
+    ``{"1": "liver", ...}`` (default colours) or ``[{"value": 1, "name": "liver",
+    "color": [r, g, b]}, ...]`` (a colour, 0-255, is optional per entry); value 0 is ignored."""
     import json
 
     if names_flag:
@@ -155,17 +157,20 @@ def label_names(datalist: str | None, names_flag: str | None) -> dict[int, str]:
             except ValueError:
                 raise MimError(f"--label-names {names_flag!r}: write value:name pairs like 1:liver,2:spleen "
                                "or give a JSON file") from None
+        source = f"--label-names {names_flag}"
     elif datalist:
         raw = read_datalist(datalist).get("labels", {})
+        source = f"the 'labels' of {datalist}"
     else:
-        raw = {}
-    if isinstance(raw, list):
-        raw = {int(d["value"]): d["name"] for d in raw}
-    try:
-        names = {int(k): str(v) for k, v in raw.items() if int(k) != 0}
-    except (TypeError, ValueError):
-        raise MimError(f"label names must map integer values to names, got {list(raw)[:4]}") from None
-    return names
+        return {}
+    if isinstance(raw, dict):
+        try:
+            raw = {str(int(k)): str(v) for k, v in raw.items() if int(k) != 0}
+        except (TypeError, ValueError):
+            raise MimError(f"label names must map integer values to names, got {list(raw)[:4]}") from None
+    elif isinstance(raw, list):
+        raw = [d for d in raw if not (isinstance(d, dict) and d.get("value") == 0)]
+    return {lab.value: lab for lab in labels_from_json(raw, source)}
 
 
 def foreground_fraction(cache: CacheDataset) -> float:

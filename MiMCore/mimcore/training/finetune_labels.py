@@ -1,6 +1,6 @@
 """Which labels a fine-tuning run learns, and how the label maps' values map onto them.
 
-- names: ``--label-names`` or the datalist's ``labels`` section, or (when starting from a
+- names and colours: ``--label-names`` or the datalist's ``labels`` section, or (when starting from a
   segmentation bundle) the bundle's labels;
 - ``--labels SPEC`` keeps a subset and renumbers it (``liver,spleen`` -> 1, 2; see
   :func:`mimcore.data.labels.parse_label_selection`); without it every named label is
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mimcore.data.labels import Label, default_color, parse_label_selection
 from mimcore.errors import MimError
-from mimcore.training.finetune_data import label_names
+from mimcore.training.finetune_data import label_table
 
 
 def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
@@ -23,9 +23,10 @@ def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
         from mimcore.bundles.library import get_model
 
         bundle = get_model(args.init)
-    names = label_names(args.datalist, args.label_names)
-    if not names and bundle is not None:
-        names = {int(lab["value"]): lab["name"] for lab in bundle.labels}
+    table = label_table(args.datalist, args.label_names)
+    if not table and bundle is not None:
+        table = {lab.value: lab for lab in (Label.from_dict(d) for d in bundle.labels)}
+    names = {value: lab.name for value, lab in table.items()}
     if not names:
         raise MimError("the label names are unknown: put a 'labels' section in the datalist "
                        "({\"1\": \"liver\", ...}) or pass --label-names 1:liver,2:spleen")
@@ -33,10 +34,13 @@ def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
         mapping = parse_label_selection(args.labels, names)
     else:
         mapping = {v: v for v in sorted(names)}
-    new_names: dict[int, str] = {}
+    chosen: dict[int, Label] = {}  # model value -> the first label-map class that becomes it
     for old, new in mapping.items():
-        new_names.setdefault(new, names.get(old, f"label_{old}"))
-    labels = [Label(v, n, default_color(n, v)) for v, n in sorted(new_names.items())]
+        if new not in chosen:
+            name = names.get(old, f"label_{old}")
+            color = table[old].color if old in table else default_color(name, new)
+            chosen[new] = Label(new, name, color)
+    labels = [chosen[v] for v in sorted(chosen)]
     if [lab.value for lab in labels] != list(range(1, len(labels) + 1)):
         raise MimError(f"the model's label values must be 1..n without gaps, got {[lab.value for lab in labels]}; "
                        "renumber with --labels (e.g. --labels liver,spleen gives 1, 2)")

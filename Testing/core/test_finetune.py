@@ -130,8 +130,9 @@ def test_datalist_label_colours_reach_the_bundle(tmp_path, cases, capsys):
     labels = load_bundle(tmp_path / "run" / "model").labels
     assert [(lab["value"], lab["name"], lab["color"]) for lab in labels] == [
         (1, "spleen", list(default_color("spleen", 1))), (2, "liver", [10, 20, 30])]
-    datalist.write_text(json.dumps({"labels": [{"value": 1, "name": "liver", "color": [300, 0, 0]}],
-                                    "training": []}), encoding="utf-8")
+    bad = json.loads(datalist.read_text(encoding="utf-8"))
+    bad["labels"][1]["color"] = [300, 0, 0]
+    datalist.write_text(json.dumps(bad), encoding="utf-8")
     rc = main(["finetune", "--datalist", str(datalist), "--preset", "tiny", "--steps", "1",
                "--output", str(tmp_path / "bad"), "--progress", "none"])
     err = capsys.readouterr().err

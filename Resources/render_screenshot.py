@@ -2,8 +2,8 @@
 results, offscreen, with Slicer's own MRML views.
 
 1. ``mim data samples``: the sample CTs (fetched and verified by sha256).
-2. ``mim finetune``: a ``tiny`` MiM segmentation network trained from scratch for 150
-   steps at 6 mm on the two labelled sample CTs (liver, spleen; ``--steps``;
+2. ``mim finetune``: a ``tiny`` MiM segmentation network trained from scratch for 600
+   steps at 6 x 6 x 4 mm on the two labelled sample CTs (liver, spleen; ``--steps``;
    skipped with ``--model``).
 3. ``mim segment --seg-nrrd``: the whole sample CT ``example_ct.nii.gz`` segmented by that
    model (the labelled ``example_ct_sm`` is 30 of its 112 slices).
@@ -12,7 +12,8 @@ results, offscreen, with Slicer's own MRML views.
    view (closed surfaces) rendered offscreen (EGL or OSMesa; no display needed), then
    laid out like Slicer's four-up view with a caption saying what produced it.
 
-    python Resources/render_screenshot.py                     # ~3 min on 2 CPU cores
+    pip install "trame-slicer[standalone]==2.0.0"             # once: the offscreen views
+    python Resources/render_screenshot.py                     # ~4 min on 2 CPU cores
     python Resources/render_screenshot.py --model runs/seg/model
 
 Everything runs the real ``mim`` command line in child processes, as a user would.
@@ -21,6 +22,7 @@ Everything runs the real ``mim`` command line in child processes, as a user woul
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,6 +53,7 @@ def mim(*args: str) -> str:
 
 def train_and_segment(work: Path, steps: int, labels: str, model: str | None) -> tuple[Path, Path, str]:
     """Returns (CT file, .seg.nrrd file, caption text)."""
+    trained_here = model is None
     datalist = Path(mim("data", "samples", "--quiet").strip().splitlines()[-1])
     data = json.loads(datalist.read_text(encoding="utf-8"))
     base = datalist.parent
@@ -70,10 +73,10 @@ def train_and_segment(work: Path, steps: int, labels: str, model: str | None) ->
     mim("segment", str(target), "--model", model, "--output", str(seg), "--seg-nrrd", "--device", "cpu",
         "--progress", "none")
     seg_nrrd = next(work.glob("*.seg.nrrd"))
-    return target, seg_nrrd, _caption(Path(model), target)
+    return target, seg_nrrd, _caption(Path(model), target, trained_here)
 
 
-def _caption(model: Path, target: Path) -> str:
+def _caption(model: Path, target: Path, trained_here: bool) -> str:
     """What produced the picture, from the model bundle's own description."""
     desc = json.loads((model / "model.json").read_text(encoding="utf-8")) if (model / "model.json").is_file() else {}
     arch, train = desc.get("architecture", {}), desc.get("training", {})
@@ -81,8 +84,10 @@ def _caption(model: Path, target: Path) -> str:
     text = f"mim segment {target.name} with a '{arch.get('preset', '?')}' MiM network"
     if train.get("step") is not None:
         init = "from scratch" if not train.get("init") else "from a pre-trained encoder"
-        text += (f" fine-tuned {train['step']} steps {init} on {train.get('train_cases', '?')} labelled sample CTs"
-                 " (one is 30 slices of this CT)")
+        cases = train.get("train_cases", "?")
+        text += f" fine-tuned {train['step']} steps {init} on {cases} labelled sample CT{'' if cases == 1 else 's'}"
+        if trained_here:  # both labelled samples; example_ct_sm is part of the segmented CT
+            text += " (one is 30 slices of this CT)"
     if spacing:
         text += f", at {'x'.join(f'{s:g}' for s in spacing)} mm, on a CPU"
     return text + ". A quick demonstration model, not a validated one."
@@ -203,11 +208,14 @@ def _font(size: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps of the tiny model")
+    ap.add_argument("--steps", type=int, default=600, help="fine-tuning steps of the tiny model")
     ap.add_argument("--labels", default="liver,spleen", help="TotalSegmentator label names to learn")
     ap.add_argument("--model", help="segment with this model bundle instead of training one")
     ap.add_argument("--workdir", type=Path, help="keep the intermediate files here (default: a temporary folder)")
     args = ap.parse_args()
+    if importlib.util.find_spec("trame_slicer") is None:  # checked first: training the model takes minutes
+        raise SystemExit("render_screenshot.py draws with trame-slicer's offscreen Slicer views; install them "
+                         "first: pip install \"trame-slicer[standalone]==2.0.0\"")
     with tempfile.TemporaryDirectory(prefix="mim-screenshot-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -81,15 +81,18 @@ def _caption(model: Path, target: Path, trained_here: bool) -> str:
     desc = json.loads((model / "model.json").read_text(encoding="utf-8")) if (model / "model.json").is_file() else {}
     arch, train = desc.get("architecture", {}), desc.get("training", {})
     spacing = desc.get("preprocessing", {}).get("spacing")
-    text = f"mim segment {target.name} with a '{arch.get('preset', '?')}' MiM network"
+    network = {"mim-seg": "MiM network", "unetr": "UNETR", "swinunetr": "SwinUNETR"}.get(arch.get("kind"), "network")
+    text = f"mim segment {target.name} with a '{arch.get('preset', '?')}' {network}"
     if train.get("step") is not None:
         init = "from scratch" if not train.get("init") else "from a pre-trained encoder"
         cases = train.get("train_cases", "?")
-        text += f" fine-tuned {train['step']} steps {init} on {cases} labelled sample CT{'' if cases == 1 else 's'}"
+        text += f" fine-tuned {train['step']} steps {init} on {cases} labelled case{'' if cases == 1 else 's'}"
         if trained_here:  # both labelled samples; example_ct_sm is part of the segmented CT
-            text += " (one is 30 slices of this CT)"
+            text += " (the sample CTs; one is 30 slices of this CT)"
     if spacing:
-        text += f", at {'x'.join(f'{s:g}' for s in spacing)} mm, on a CPU"
+        text += f", at {'x'.join(f'{s:g}' for s in spacing)} mm"
+    if trained_here:
+        text += ", on a CPU"
     return text + ". A quick demonstration model, not a validated one."
 
 

@@ -311,7 +311,9 @@ class MiMSlicerLogic:
         return candidate
 
     def _export_cases(self, pairs, label_names: list[str], folder: Path, notes: list[str]) -> Path:
-        """Write each (volume, segmentation) pair as image + label map files and a datalist."""
+        """Write each (volume, segmentation) pair as image + label map files and a datalist.
+        A label's colour is that of its segment in the first case (every case must have a
+        segment for every label, see :func:`export_labelmap`)."""
         folder.mkdir(parents=True, exist_ok=True)
         entries = []
         for i, (volume, segmentation) in enumerate(pairs):

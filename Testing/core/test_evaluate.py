@@ -266,6 +266,14 @@ def test_resample_ref_moves_the_reference_onto_the_prediction_grid(tmp_path):
         assert result.cases[0].rows == expected.cases[0].rows, name
         assert result.notes == ["reference resampled onto the prediction's grid (nearest neighbour, world space) "
                                 "for 1 case(s): p"]
+    part = a.copy()
+    part[:3, 3] += a[:3, :3] @ np.array([10.0, 0.0, 0.0])  # 10 voxels along i: spleen and 1/4 of liver leave
+    save_volume(tmp_path / "part.nii.gz", ref, part, dtype=np.uint8)
+    result = evaluate_files([(tmp_path / "p.nii.gz", tmp_path / "part.nii.gz", "p")], LABELS, resample_ref=True)
+    assert result.notes[1] == ("p: 57% of the reference's labelled volume was lost when it was moved onto the "
+                               "prediction's grid (it lies outside that grid, or is thinner than its voxels); its "
+                               "scores cover the rest only")  # (16 + 48) of 112 voxels
+    assert _row(result.cases[0].rows, 1)["ref_voxels"] == 48
     far = a.copy()
     far[:3, 3] += 500.0
     save_volume(tmp_path / "far.nii.gz", ref, far, dtype=np.uint8)

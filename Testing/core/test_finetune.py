@@ -119,7 +119,7 @@ def test_datalist_label_colours_reach_the_bundle(tmp_path, cases, capsys):
 
     datalist = tmp_path / "cases.json"
     datalist.write_text(json.dumps({
-        "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "liver", "color": [10, 20, 30]},
+        "labels": [{"value": "0", "name": "background"}, {"value": 1, "name": "liver", "color": [10, 20, 30]},
                    {"value": 2, "name": "spleen"}],
         "training": [{"image": str(cases / "images" / f"case{i}.nii.gz"),
                       "label": str(cases / "labels" / f"case{i}.nii.gz")} for i in range(2)]}), encoding="utf-8")

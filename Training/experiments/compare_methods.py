@@ -607,11 +607,12 @@ def ref_map(bundle_dir: Path, names: dict[str, str], dry_run: bool) -> str | Non
 def link_reference(ref: Path, folder: Path, case: str) -> Path:
     """``folder/<case><suffix>``, named like the prediction so that `mim evaluate` pairs them: a
     link to the reference ``ref`` (a copy in NIfTI for the two-file formats .nhdr/.mhd, whose
-    data file would not follow a link). `mim evaluate --resample-ref` then puts it on the
+    data file would not follow a link; Slicer's ``.seg.nrrd`` keeps its suffix, so that its
+    segments are read as such). `mim evaluate --resample-ref` then puts it on the
     prediction's grid where the grids differ (the CT series' reference is stored with its
     rows flipped)."""
     name = ref.name.lower()
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ref.suffix.lower()
+    suffix = next((s for s in (".nii.gz", ".seg.nrrd") if name.endswith(s)), ref.suffix.lower())
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{case}.*"):
         old.unlink()
@@ -919,7 +920,7 @@ def write_results(cfg: dict, out: Path, results_dir: Path, data: dict, study: di
         f"- **Evaluation:** `mim segment` + `mim evaluate` on {len(data['test'])} held-out labelled case(s) "
         f"({', '.join(results['test_cases'][:6])}{', …' if len(results['test_cases']) > 6 else ''}) with the model "
         + ("of the last fine-tuning step (`--keep last`: no model selection; the validation curves are computed on "
-           + ("these same case(s) but choose nothing)." if val_on == "test" else "the training case(s).")
+           + ("these same case(s) but choose nothing)." if val_on == "test" else "the training case(s)).")
            if ft.get("args", {}).get("keep") == "last" else
            "that scored best at validation on these same case(s) (there is no third labelled case; the published "
            "BTCV results also report their validation cases)." if val_on == "test" else

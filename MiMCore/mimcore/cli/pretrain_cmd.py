@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--hu-window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("MIN", "MAX"),
                      help="HU window scaled to [0, 1] (default -1000 1000, as published).")
     src.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                     help="Resample every volume to this voxel size in mm (RAS axes) before cropping. Default: "
+                     help="Resample every volume to this voxel size in mm (along its axes once reoriented to "
+                          "RAS) before cropping. Default: "
                           "no resampling, as MiM and GMIM are published; the MAE/SimMIM BTCV recipe uses "
                           "1.5 1.5 2.")
     run = p.add_argument_group("run")
@@ -111,7 +112,8 @@ def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed, device=args.device,
         precision=args.precision, workers=args.workers, save_every=args.save_every, log_every=args.log_every,
         resume=args.resume, progress=args.progress, tensorboard=not args.no_tensorboard,
-        hu_window=tuple(args.hu_window), spacing=tuple(args.spacing) if args.spacing else None, mim=args.mim, method=args.method, backbone=args.backbone,
+        hu_window=tuple(args.hu_window), spacing=tuple(args.spacing) if args.spacing else None,
+        mim=args.mim, method=args.method, backbone=args.backbone,
         method_config=args.method_config,
     ))
     if args.progress != "json" and "checkpoint" in summary:

@@ -2,7 +2,9 @@
 
 A datalist is ``{"labels": {"0": "background", ...}, "training": [{"image": ..., "label": ...}],
 ...}`` with paths relative to the datalist's own folder (MONAI's decathlon format). An
-``image`` may be a volume file or a DICOM series folder.
+``image`` may be a volume file or a DICOM series folder. ``labels`` may also be a list
+``[{"value": 1, "name": "liver", "color": [r, g, b]}, ...]`` to give the classes' colours
+(see :func:`mimcore.training.finetune_data.label_table`).
 """
 
 from __future__ import annotations

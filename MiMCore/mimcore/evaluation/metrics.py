@@ -183,6 +183,12 @@ class Evaluation:
                 "notes": self.notes}
 
 
+#: with --resample-ref, a case whose reference loses more than this fraction of its labelled
+#: volume on the way to the prediction's grid gets a note (nearest neighbour alone changes
+#: volumes by a few per cent)
+LOST_VOLUME_NOTE = 0.05
+
+
 def grid_differences(pred: Volume, ref: Volume) -> list[str]:
     """How two grids differ (empty when they are one grid: same shape, and spacing, origin and
     axis directions equal within float32-storage tolerance)."""
@@ -210,17 +216,22 @@ def check_same_grid(pred: Volume, ref: Volume) -> None:
                        "check that the files belong together.")
 
 
-def reference_on_grid(ref: Volume, pred: Volume) -> Volume:
-    """``ref``'s labels on ``pred``'s grid (nearest neighbour in world space). Raises MimError
-    when the reference has labels but none of them falls inside the prediction's grid."""
+def reference_on_grid(ref: Volume, pred: Volume) -> tuple[Volume, float]:
+    """``ref``'s labels on ``pred``'s grid (nearest neighbour in world space), and the
+    fraction of the reference's labelled volume (mm³) that the move lost (outside the
+    prediction's grid, or thin structures missed by a coarser grid; 0 when nothing was).
+    Raises MimError when the reference has labels but none falls inside the prediction's grid."""
     from mimcore.data.regrid import labels_to_grid
 
     moved = labels_to_grid(ref.array, ref.affine, pred)
-    if present_values(ref.array) and not present_values(moved):
+    before = float(np.count_nonzero(ref.array)) * float(np.prod(ref.spacing))
+    after = float(np.count_nonzero(moved)) * float(np.prod(pred.spacing))
+    if before > 0 and after == 0:
         raise MimError(f"The reference {ref.source} does not overlap the prediction {pred.source} in space: "
                        "none of its labelled voxels lies inside the prediction's grid. Check that the files "
                        "belong to the same image.")
-    return Volume(moved, pred.affine.copy(), ref.source)
+    lost = max(0.0, 1.0 - after / before) if before > 0 else 0.0
+    return Volume(moved, pred.affine.copy(), ref.source), lost
 
 
 def _load_labels(path: str | os.PathLike) -> tuple[Volume, list[Label]]:
@@ -268,13 +279,18 @@ def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     seen: set[int] = set()
     ignored: dict[int, list[str]] = {}
     resampled: list[str] = []
+    lost_notes: list[str] = []
     names: dict[int, str] = {}
     for i, (pred_path, ref_path, case_id) in enumerate(pairs, start=1):
         pred, _ = _load_labels(pred_path)
         ref, ref_segments = _load_labels(ref_path)
         if resample_ref and grid_differences(pred, ref):
-            ref = reference_on_grid(ref, pred)
+            ref, lost = reference_on_grid(ref, pred)
             resampled.append(str(case_id))
+            if lost > LOST_VOLUME_NOTE:
+                lost_notes.append(f"{case_id}: {100 * lost:.0f}% of the reference's labelled volume was lost when "
+                                  "it was moved onto the prediction's grid (it lies outside that grid, or is "
+                                  "thinner than its voxels); its scores cover the rest only")
         check_same_grid(pred, ref)
         ref_array = ref.array if label_map_ref is None else remap_array(ref.array, label_map_ref)
         if label_map_ref is None:
@@ -305,6 +321,7 @@ def evaluate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     if resampled:
         notes.append(f"reference resampled onto the prediction's grid (nearest neighbour, world space) for "
                      f"{len(resampled)} case(s): {', '.join(resampled[:10])}{' ...' if len(resampled) > 10 else ''}")
+        notes.extend(lost_notes)
     if ignored:
         listing = ", ".join(f"{v} (in {len(c)} case{'s' if len(c) > 1 else ''})" for v, c in sorted(ignored.items()))
         notes.append(f"label values not in the label list were ignored: {listing}")

@@ -26,7 +26,7 @@ from monai.transforms import (Compose, EnsureTyped, Orientationd, RandCropByPosN
 from torch.utils.data import Dataset
 
 from mimcore.data.datalist import datalist_entries, read_datalist, volumes_from_folder
-from mimcore.data.labels import Label, RemapLabelsd, labels_from_json
+from mimcore.data.labels import RemapLabelsd, labels_from_json
 from mimcore.data.transforms import LoadVolumed
 from mimcore.errors import MimError, user_error_in
 
@@ -139,11 +139,12 @@ def _case_name(path: Path) -> str:
     return name
 
 
-def label_table(datalist: str | None, names_flag: str | None) -> dict[int, Label]:
-    """The label map's classes ``{value: Label}``: ``--label-names`` ("1:liver,2:spleen" or a
-    JSON file) wins over the datalist's ``labels`` section. Either JSON form may be
-    ``{"1": "liver", ...}`` (default colours) or ``[{"value": 1, "name": "liver",
-    "color": [r, g, b]}, ...]`` (a colour, 0-255, is optional per entry); value 0 is ignored."""
+def label_table(datalist: str | None, names_flag: str | None) -> tuple[dict[int, str], dict[int, tuple]]:
+    """The label map's classes as ``({value: name}, {value: (r, g, b)})``, the second only for
+    the values given a colour. ``--label-names`` ("1:liver,2:spleen" or a JSON file) wins
+    over the datalist's ``labels`` section. Either JSON form may be ``{"1": "liver", ...}``
+    or ``[{"value": 1, "name": "liver", "color": [r, g, b]}, ...]`` (a colour, 0-255, is
+    optional per entry); value 0 (background) is ignored."""
     import json
 
     if names_flag:
@@ -162,15 +163,21 @@ def label_table(datalist: str | None, names_flag: str | None) -> dict[int, Label
         raw = read_datalist(datalist).get("labels", {})
         source = f"the 'labels' of {datalist}"
     else:
-        return {}
+        return {}, {}
+
+    def is_background(value) -> bool:
+        return str(value).strip() == "0"
+
     if isinstance(raw, dict):
-        try:
-            raw = {str(int(k)): str(v) for k, v in raw.items() if int(k) != 0}
-        except (TypeError, ValueError):
-            raise MimError(f"label names must map integer values to names, got {list(raw)[:4]}") from None
+        if any(not str(k).strip().lstrip("-").isdigit() for k in raw):
+            raise MimError(f"label names must map integer values to names, got {list(raw)[:4]}")
+        raw = {str(int(k)): str(v) for k, v in raw.items() if not is_background(k)}
     elif isinstance(raw, list):
-        raw = [d for d in raw if not (isinstance(d, dict) and d.get("value") == 0)]
-    return {lab.value: lab for lab in labels_from_json(raw, source)}
+        raw = [d for d in raw if not (isinstance(d, dict) and is_background(d.get("value")))]
+    labels = labels_from_json(raw, source)
+    given = set() if isinstance(raw, dict) else {int(d["value"]) for d in raw if d.get("color") is not None}
+    colors = {lab.value: lab.color for lab in labels if lab.value in given}
+    return {lab.value: lab.name for lab in labels}, colors
 
 
 def foreground_fraction(cache: CacheDataset) -> float:

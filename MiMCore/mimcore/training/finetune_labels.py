@@ -23,10 +23,10 @@ def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
         from mimcore.bundles.library import get_model
 
         bundle = get_model(args.init)
-    table = label_table(args.datalist, args.label_names)
-    if not table and bundle is not None:
-        table = {lab.value: lab for lab in (Label.from_dict(d) for d in bundle.labels)}
-    names = {value: lab.name for value, lab in table.items()}
+    names, colors = label_table(args.datalist, args.label_names)
+    if not names and bundle is not None:
+        names = {int(lab["value"]): lab["name"] for lab in bundle.labels}
+        colors = {int(lab["value"]): tuple(lab["color"]) for lab in bundle.labels if lab.get("color")}
     if not names:
         raise MimError("the label names are unknown: put a 'labels' section in the datalist "
                        "({\"1\": \"liver\", ...}) or pass --label-names 1:liver,2:spleen")
@@ -38,7 +38,7 @@ def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
     for old, new in mapping.items():
         if new not in chosen:
             name = names.get(old, f"label_{old}")
-            color = table[old].color if old in table else default_color(name, new)
+            color = colors.get(old) or default_color(name, new)
             chosen[new] = Label(new, name, color)
     labels = [chosen[v] for v in sorted(chosen)]
     if [lab.value for lab in labels] != list(range(1, len(labels) + 1)):

@@ -135,8 +135,8 @@ def check_resumable(meta: dict, run_meta: dict, path: Path) -> None:
 
 def _prep_options(prep: Preprocessing) -> str:
     """The command-line options that give ``prep``."""
-    spacing = " ".join(f"{v:g}" for v in prep.spacing) if prep.spacing else "none"
-    return f"--hu-window {prep.hu_min:g} {prep.hu_max:g}, --spacing {spacing}"
+    spacing = "--spacing " + " ".join(f"{v:g}" for v in prep.spacing) if prep.spacing else "no --spacing"
+    return f"--hu-window {prep.hu_min:g} {prep.hu_max:g}, {spacing}"
 
 
 def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
@@ -157,13 +157,8 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     amp_dtype = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    dataset = RandomCrops(volumes, crop_size, prep)
-    per_rank = math.ceil(len(dataset) / dist_info.world)
-    steps_per_epoch = max(1, math.ceil(per_rank / (args.batch * args.accum)))
-    total, warmup = _schedule_steps(args, steps_per_epoch)
-
     start = 0
-    if resume_from is not None:
+    if resume_from is not None:  # checked before the volumes are loaded and cached (minutes for many)
         meta, weights, optim_state = read_checkpoint(resume_from, with_optimizer=True)
         check_resumable(meta, {**model_meta, "preprocessing": prep}, resume_from)
         model.load_state_dict(weights)
@@ -173,6 +168,11 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
         if scaler.is_enabled() and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         start = int(meta["step"])
+
+    dataset = RandomCrops(volumes, crop_size, prep)
+    per_rank = math.ceil(len(dataset) / dist_info.world)
+    steps_per_epoch = max(1, math.ceil(per_rank / (args.batch * args.accum)))
+    total, warmup = _schedule_steps(args, steps_per_epoch)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,7 +1,8 @@
 """Which labels a fine-tuning run learns, and how the label maps' values map onto them.
 
-- names and colours: ``--label-names`` or the datalist's ``labels`` section, or (when starting from a
-  segmentation bundle) the bundle's labels;
+- names and colours: ``--label-names`` or the datalist's ``labels`` section, or (when
+  starting from a segmentation bundle) the bundle's labels; a class without a colour gets
+  :func:`mimcore.data.labels.default_color` of its name and model value;
 - ``--labels SPEC`` keeps a subset and renumbers it (``liver,spleen`` -> 1, 2; see
   :func:`mimcore.data.labels.parse_label_selection`); without it every named label is
   learned with its own value.

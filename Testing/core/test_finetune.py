@@ -80,7 +80,7 @@ def test_resume_is_exact_and_events_carry_loss_dice_eta(tmp_path, cases, capsys)
 def test_keep_last_holds_the_final_model(tmp_path, cases, capsys):
     """--keep last: the bundle is the last validated model (the final checkpoint's weights),
     whatever the Dice did; the default keeps the best one."""
-    rc, events = finetune(tmp_path, cases, "--steps", "4", "--val-every", "2", "--lr", "3e-2", "--keep", "last",
+    rc, events = finetune(tmp_path, cases, "--steps", "4", "--val-every", "1", "--lr", "1e-1", "--keep", "last",
                           capsys=capsys)
     assert rc == 0 and events[-1]["kept"] == "last"
     bundle = load_bundle(tmp_path / "model")
@@ -90,6 +90,7 @@ def test_keep_last_holds_the_final_model(tmp_path, cases, capsys):
     for k in final:
         np.testing.assert_array_equal(kept[k].numpy(), final[k].numpy(), err_msg=k)
     last = json.loads((tmp_path / "validation.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert last["best_step"] < 4 and last["dice"] < last["best_dice"]  # here the best model is not the last one
     training = bundle.description["training"]
     assert training["step"] == 4 and training["kept"] == "last"
     assert training["validation_dice"] == pytest.approx(last["dice"], abs=1e-4)

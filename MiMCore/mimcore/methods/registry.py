@@ -64,17 +64,6 @@ def _with_options(cfg, options: dict | None, method: str):
     return dataclasses.replace(cfg, **options)
 
 
-def gmim_module():
-    """``mimcore.methods.gmim`` (imported on first use; MimError when this mimcore lacks it)."""
-    try:
-        from mimcore.methods import gmim
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("mimcore"):
-            raise MimError(f"GMIM is not available in this mimcore ({e.name} is missing)") from None
-        raise
-    return gmim
-
-
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
@@ -111,7 +100,8 @@ def build_pretrain_model(method: str = "mim", backbone: str | None = None, prese
         crop = backbone_cfg.input_size
         meta["model"] = backbone_cfg.to_dict()
     else:
-        gmim = gmim_module()
+        from mimcore.methods import gmim
+
         cfg = _with_options(gmim.gmim_config(preset), options, method)
         model, crop = gmim.GMIMPretrainModel(cfg), int(cfg.crop_size)
         meta["model"] = cfg.to_dict()
@@ -143,7 +133,8 @@ def model_from_meta(meta: dict):
 
             model = SimMIMPretrainModel(backbone_cfg, SimMIMConfig.from_dict(meta["method_config"]))
         return model, backbone_cfg.input_size
-    gmim = gmim_module()
+    from mimcore.methods import gmim
+
     cfg = gmim.GMIMConfig.from_dict(meta["method_config"])
     return gmim.GMIMPretrainModel(cfg), int(cfg.crop_size)
 

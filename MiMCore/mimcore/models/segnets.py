@@ -26,22 +26,12 @@ KINDS = ("mim-seg", "unetr", "swinunetr")
 _SWIN_ARCH = "mim_architecture"
 
 
-def _swin():
-    try:
-        from mimcore.models import swin
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("mimcore"):
-            raise MimError(f"Swin models are not available in this mimcore ({e.name} is missing)") from None
-        raise
-    return swin
-
-
 def swin_architecture(preset: str, out_channels: int) -> dict:
     """The ``architecture`` dict of a SwinUNETR with the Swin encoder of GMIM's ``preset``
     (input and feature size from :func:`mimcore.methods.gmim.gmim_config`)."""
-    from mimcore.methods.registry import gmim_module
+    from mimcore.methods.gmim import gmim_config
 
-    cfg = gmim_module().gmim_config(preset)
+    cfg = gmim_config(preset)
     return {"kind": "swinunetr", "preset": preset, "input_size": cfg.input_size, "feature_size": cfg.feature_size,
             "in_channels": 1, "out_channels": out_channels}
 
@@ -61,7 +51,9 @@ def build(architecture: dict, **options) -> nn.Module:
     if kind == "swinunetr":
         arch = dict(swin_architecture(architecture.get("preset") or "base", int(architecture["out_channels"])),
                     **architecture)
-        net = _swin().build_swin_segnet(arch["preset"], arch["out_channels"], arch["feature_size"], **options)
+        from mimcore.models.swin import build_swin_segnet
+
+        net = build_swin_segnet(arch["preset"], arch["out_channels"], arch["feature_size"], **options)
         setattr(net, _SWIN_ARCH, arch)
         return net
     raise MimError(f"this model's architecture is {kind!r}; mimcore builds {', '.join(map(repr, KINDS))}")

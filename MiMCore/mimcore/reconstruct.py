@@ -1,7 +1,7 @@
 """See what a pre-trained model does: the three mask-in-mask levels of one crop for MiM, one
 masked crop for MAE, SimMIM and GMIM, each written as hidden input / reconstruction /
 original volumes placed at their true position in the patient (``mim reconstruct``;
-methods.md sections 1-3).
+METHODS.md sections 1-3).
 
 Single-level methods (:func:`preview_level`): the crop is the network input (MAE, SimMIM;
 GMIM's input, not its larger pre-training region); the model's

@@ -20,7 +20,7 @@ SCRIPT = REPO / "Training" / "experiments" / "compare_methods.py"
 MICRO = ("--scale", "small", "--methods", "scratch,mae", "--seeds", "1", "--pretrain-steps", "2",
          "--finetune-steps", "2", "--val-every", "1")
 COLUMNS = ["method", "network", "pre-training steps", "pre-training wall", "fine-tuning wall", "seeds",
-           "liver Dice", "spleen Dice", "mean Dice"]
+           "liver Dice", "spleen Dice", "mean Dice", "mean Dice per seed (min–max)"]
 
 
 def study(out: Path, datalist: Path, *extra: str, expect: int = 0, base: tuple = MICRO) -> subprocess.CompletedProcess:
@@ -64,12 +64,19 @@ def test_table_curves_and_provenance(micro):
         assert set(dice) == {"liver", "spleen"}
         assert row[1] == "ViT → UNETR" and row[5] == "1"
         assert row[6] == f"{dice['liver']:.3f}" and row[7] == f"{dice['spleen']:.3f}"  # one seed: no ± sd
-        assert row[8] == f"{(dice['liver'] + dice['spleen']) / 2:.3f}"
+        mean = f"{(dice['liver'] + dice['spleen']) / 2:.3f}"
+        assert row[8] == mean and row[9] == f"{mean} ({mean}–{mean})"  # the seed spread
         assert row[4].endswith(" s")
         # the bundle stays for `mim segment`; the checkpoints (resume only) are gone
         assert (run / "model" / "model.json").is_file() and not list(run.glob("checkpoint_*"))
     assert rows[0][2] == "0" and rows[1][2] == "2"  # pre-training steps: scratch none, MAE the budget
     assert rows[0][3] == "–" and rows[1][3].endswith(" s")
+
+    # the end of pre-training: the last 10 % of metrics.jsonl (of 2 steps: the last one)
+    header, end_rows = table(md, "method | pre-training seed")
+    assert header == ["method", "pre-training seed", "loss"] and [r[0] for r in end_rows] == ["MAE (vit)"]
+    last = json.loads((out / "pretrain" / "mae-vit" / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end_rows[0][1:] == ["0", f"{last['loss']:.4g}"]
 
     # validation Dice per step, from the `--progress json` events of each fine-tuning run
     header, curve_rows = table(md, "method | 1")

@@ -1,5 +1,6 @@
-"""The MiM method as specified in shared/design/methods.md, section 1: three levels of
-masking, norm-pix reconstruction on hidden tokens, stop-gradient cross-level alignment,
+"""The MiM method as specified in MiMCore/METHODS.md, section 1: three levels of
+masking, norm-pix reconstruction on hidden tokens, stop-gradient cross-level alignment
+(the default ``region`` kind; the others are in test_mim_alignment.py),
 and the layers these rely on (depthwise conv backward, kernel = stride convs, MAE-style
 visible-token encoder). CPU, ``tiny`` and ``small`` presets.
 """
@@ -220,15 +221,14 @@ def test_alignment_stops_gradient_into_parents(tiny_model, tiny_levels):
         return [torch.randn(m * b, n, d, generator=gen, requires_grad=True) for m in (1, 4, 16)]
 
     f1, f2, f3 = fs = feats()
-    a12, a23 = tiny_model.alignment(fs, tiny_levels)
-    (a12 + a23).backward()
+    terms = tiny_model.alignment(fs, tiny_levels)
+    (terms["a12"] + terms["a23"]).backward()
     assert f1.grad is None or torch.all(f1.grad == 0)  # level 1 is only ever a parent
     assert f2.grad is not None and f2.grad.abs().sum() > 0  # child of a12
     assert f3.grad is not None and f3.grad.abs().sum() > 0
 
     f1, f2, f3 = fs = feats()
-    _, a23 = tiny_model.alignment(fs, tiny_levels)
-    a23.backward()
+    tiny_model.alignment(fs, tiny_levels)["a23"].backward()
     assert f2.grad is None or torch.all(f2.grad == 0)  # parent of a23: stop-gradient
     assert f3.grad.abs().sum() > 0
 
@@ -246,7 +246,8 @@ def test_alignment_stops_gradient_into_parents(tiny_model, tiny_levels):
         m = tiny_model
         e12 = alignment_loss(m.align12_child(torch.stack(child12)), m.align12_parent(torch.stack(parent12)))
         e23 = alignment_loss(m.align23_child(torch.stack(child23)), m.align23_parent(torch.stack(parent23)))
-        g12, g23 = m.alignment([f1, f2, f3], tiny_levels)
+        got = m.alignment([f1, f2, f3], tiny_levels)
+        g12, g23 = got["a12"], got["a23"]
     torch.testing.assert_close(g12, e12)
     torch.testing.assert_close(g23, e23)
     tiny_model.zero_grad()
@@ -257,8 +258,10 @@ def test_full_model_forward_backward(tiny_model):
     gen = torch.Generator().manual_seed(5)
     tiny_model.zero_grad()
     out = tiny_model(torch.rand(2, 1, mc.crop_size, mc.crop_size, mc.crop_size, generator=gen), gen)
-    assert set(out) == {"loss", "l1", "l2", "l3", "a12", "a23"}
+    monitors = {"cos12_match", "cos12_mismatch", "cos23_match", "cos23_mismatch"}
+    assert set(out) == {"loss", "l1", "l2", "l3", "a12", "a23"} | monitors
     assert all(torch.isfinite(v) and v.dim() == 0 for v in out.values())
+    assert not any(out[k].requires_grad for k in monitors)  # logged, never trained
     w = tiny_model.cfg.loss_weights
     torch.testing.assert_close(out["loss"], sum(w[k] * out[k] for k in ("l1", "l2", "l3", "a12", "a23")))
     out["loss"].backward()

@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
 from mimcore.models.convvit import ConvViT3D
+from mimcore.methods.mim import Levels
 from mimcore.models.official import (
     convert_official_state_dict,
     import_official,
     is_encoder_name,
     load_official_checkpoint,
+    map_name,
 )
-from mimcore.models.presets import get_preset
+from mimcore.models.presets import MiMConfig, get_preset
 
 REFERENCE_NAME = "mim_official_pretrain_state_dict_shapes.json"
 ENCODER_VALUES = 33_974_544  # the published encoder (everything but decoder*, mask_token, aggregate*)
@@ -72,20 +74,26 @@ def imported(checkpoint):
 
 
 def test_mapping_covers_the_published_model(official_shapes):
-    """Every published tensor but aggregate_* maps onto an existing tensor of our base model, same size."""
+    """Every published tensor, alignment heads (aggregate_*) included, maps onto an existing
+    tensor of our base model, same size, one to one, and covers all of ours."""
     meta = {k: torch.empty(s, device="meta") for k, s in official_shapes.items()}
     ours, report = convert_official_state_dict(meta)
-    assert sorted(report.unused) == sorted(k for k in official_shapes if k.startswith("aggregate_"))
-    assert report.not_imported == report.unused and len(report.unused) == 16
+    assert report.unused == [] and report.not_imported == []
 
     targets = MiMPretrainModel(get_preset("base")).state_dict()
     for name, t in ours.items():
         assert name in targets, name
         assert targets[name].numel() == t.numel(), name
         assert targets[name].shape == t.shape, name
-    assert len(ours) == len(official_shapes) - 16  # one-to-one
-    # everything of ours is covered except the alignment heads
-    assert sorted(k for k in targets if k not in ours) == sorted(k for k in targets if k.startswith("align"))
+    assert len(ours) == len(official_shapes)  # one-to-one
+    assert sorted(targets) == sorted(ours)  # everything of ours is covered
+    heads = {"aggregate_mid": "align12_child", "aggregate_pred_up_feature": "align12_parent",
+             "aggregate_down": "align23_child", "aggregate_pred_mid_feature": "align23_parent"}
+    for off, our in heads.items():
+        for i in (1, 2):
+            for kind in ("weight", "bias"):
+                assert f"{our}.linear{i}.{kind}" in ours
+                assert map_name(f"{off}.fc{i}.{kind}")[0] == f"{our}.linear{i}.{kind}"
 
     # value counts: the published encoder and ours both hold 33,974,544 values
     enc_official = sum(math.prod(s) for k, s in official_shapes.items() if is_encoder_name(k))
@@ -103,18 +111,15 @@ def test_mapping_covers_the_published_model(official_shapes):
 # --------------------------------------------------------------------------- import
 
 
-def test_import_uses_every_encoder_tensor(imported, official_sd):
+def test_import_uses_every_tensor(imported, official_sd):
     model, report, before = imported
-    assert report.shape_mismatch == []
-    assert sorted(report.unused) == sorted(k for k in official_sd if k.startswith("aggregate_"))
-    assert not any(is_encoder_name(k) for k in report.unused)
-    assert sorted(report.missing) == sorted(before)  # only the alignment heads are not set
+    assert report.shape_mismatch == [] and report.unused == [] and report.missing == []
     state = model.state_dict()
     assert sum(state[k].numel() for k in report.loaded if k.startswith("encoder.")) == ENCODER_VALUES
-    assert report.loaded_values == ALL_VALUES - sum(official_sd[k].numel() for k in report.unused)
-    for k, v in before.items():  # untouched
-        assert torch.equal(state[k], v)
-    assert "not imported" in report.summary()
+    assert report.loaded_values == ALL_VALUES
+    for k, v in before.items():  # the alignment heads now hold the published aggregate_* values
+        assert not torch.equal(state[k], v)
+    assert "not imported" not in report.summary()
 
 
 def test_imported_values_land_in_the_right_places(imported, official_sd):
@@ -140,6 +145,10 @@ def test_imported_values_land_in_the_right_places(imported, official_sd):
         (o["decoder_pos_embed"], dec.pos_embed),
         (o["decoder_blocks.7.mlp.fc1.weight"], dec.blocks[7].mlp.linear1.weight),
         (o["decoder_pred.bias"], dec.pred.bias),
+        (o["aggregate_mid.fc1.weight"], model.align12_child.linear1.weight),
+        (o["aggregate_pred_up_feature.fc2.bias"], model.align12_parent.linear2.bias),
+        (o["aggregate_down.fc2.weight"], model.align23_child.linear2.weight),
+        (o["aggregate_pred_mid_feature.fc1.bias"], model.align23_parent.linear1.bias),
     ]
     for expected, got in checks:
         assert got.shape == expected.shape
@@ -153,8 +162,8 @@ def test_imported_encoder_computes_like_the_published_layers(imported, official_
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 1, 16, 16, 16, generator=g)
 
-    def ln(t, prefix):  # LayerNorm over channels of an NCDHW tensor
-        y = F.layer_norm(t.permute(0, 2, 3, 4, 1), (t.shape[1],), o[prefix + ".weight"], o[prefix + ".bias"], 1e-6)
+    def ln(t, prefix):  # LayerNorm over channels of an NCDHW tensor; published conv-side eps: 1e-5
+        y = F.layer_norm(t.permute(0, 2, 3, 4, 1), (t.shape[1],), o[prefix + ".weight"], o[prefix + ".bias"], 1e-5)
         return y.permute(0, 4, 1, 2, 3)
 
     with torch.no_grad():
@@ -179,6 +188,40 @@ def test_imported_encoder_computes_like_the_published_layers(imported, official_
         ref_skip = F.conv3d(r, o["stage1_output_decode.weight"], o["stage1_output_decode.bias"], stride=8)
         ours_skip = enc.skips[0](ours_blk.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
         torch.testing.assert_close(ours_skip, ref_skip, rtol=1e-4, atol=1e-5 * float(ref_skip.abs().max()))
+
+
+def test_imported_heads_compute_the_published_byol_terms(imported, official_sd):
+    """With ``alignment="published"`` the imported model's A12/A23 equal the released byol loops
+    (one crop per GPU, as the published run), written here with the official aggregate_* weights."""
+    model = imported[0]
+    o = official_sd
+    g = torch.Generator().manual_seed(8)
+    n, d = 216, 576
+    f1, f2, f3 = (torch.randn(m, n, d, generator=g) for m in (1, 4, 16))
+    levels = Levels([], [], torch.tensor([[0, 3, 5, 6]]), torch.randint(0, n, (4, 4), generator=g))
+
+    def mlp(name, x):  # the published timm-style Mlp: fc1, GELU, fc2
+        h = F.gelu(F.linear(x, o[name + ".fc1.weight"], o[name + ".fc1.bias"]))
+        return F.linear(h, o[name + ".fc2.weight"], o[name + ".fc2.bias"])
+
+    def byol(x, y):
+        return 2 - 2 * (F.normalize(x, dim=-1) * F.normalize(y, dim=-1)).sum(-1)
+
+    with torch.no_grad():
+        pred_mid = f2.mean(1)  # (4, d)
+        mid_f = mlp("aggregate_mid", pred_mid).reshape(1, 4, d)
+        a12 = sum(byol(pred_mid[i], mid_f[i][j]) for i in range(1) for j in range(4)) / 4
+        down_f = mlp("aggregate_down", f3.mean(1)).reshape(4, 4, d)
+        parent = mlp("aggregate_pred_mid_feature", f2.mean(1)).reshape(4, 1, d)
+        a23 = sum(byol(parent[i], down_f[i][j]) for i in range(4) for j in range(4)) / 16
+        cfg = model.cfg
+        try:
+            model.cfg = MiMConfig(alignment="published")
+            got = model.alignment([f1, f2, f3], levels)
+        finally:
+            model.cfg = cfg
+    torch.testing.assert_close(got["a12"], a12.reshape(()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["a23"], a23.reshape(()), rtol=1e-5, atol=1e-5)
 
 
 def test_import_into_encoder_alone(checkpoint, official_sd):

@@ -43,7 +43,8 @@ def test_checkpoint_is_complete_and_verified(tmp_path, ct_folder, capsys):
     assert pretrain(tmp_path, ct_folder, "--steps", "1") == 0
     meta = json.loads((tmp_path / "checkpoint_00000001.json").read_text(encoding="utf-8"))
     assert meta["preset"] == "tiny" and meta["step"] == 1 and meta["model"]["input_size"] == 32
-    assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS", "spacing": None}
+    assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS", "spacing": None,
+                                     "crop_foreground": False}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
     # a modified weights file is refused with a clear message
     w = tmp_path / "checkpoint_00000001.safetensors"

@@ -357,14 +357,14 @@ def pretrain_command(cfg: dict, data: dict, arm: Arm, seed: int, steps: int, out
     args = dict(pre.get("args", {}))
     args.update(pre.get("methods", {}).get(arm.method, {}))
     eff = args.pop("effective_batch", None)
+    frac = args.pop("warmup_fraction", pre.get("warmup_fraction"))
     if eff:
         per_step = int(args.get("batch", 1)) * int(cfg.get("processes", 1))
         if eff % per_step:
             raise StudyError(f"effective_batch {eff} of {arm.method} is not a multiple of batch x processes "
                              f"= {per_step}")
         args["accum"] = eff // per_step
-    if "warmup-steps" not in args:
-        frac = pre.get("warmup_fraction", 0.05)
+    if "warmup-steps" not in args and frac is not None:  # without: the method's published fraction
         args["warmup-steps"] = max(1, round(frac * steps)) if isinstance(steps, int) else f"<{frac:.0%} of the steps>"
     if probe:
         args.update({"warmup-steps": 1, "log-every": 1, "save-every": None})
@@ -732,6 +732,21 @@ def fmt_ms(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
+#: Pre-training metrics reported at the end of a run: the loss, MiM's alignment terms and its
+#: collapse monitor (cosine of matched and of mismatched child/parent pairs; equal = no information).
+FINAL_KEYS = ("loss", "a12", "a23", "cos12_match", "cos12_mismatch", "cos23_match", "cos23_mismatch")
+
+
+def final_metrics(path: Path, fraction: float = 0.1) -> dict:
+    """Mean of each of :data:`FINAL_KEYS` over the last ``fraction`` of a run's metrics.jsonl rows
+    (at least one row); {} without the file."""
+    if not path.is_file():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    tail = rows[-max(1, round(fraction * len(rows))):] if rows else []
+    return {k: sum(r[k] for r in tail) / len(tail) for k in FINAL_KEYS if tail and all(k in r for r in tail)}
+
+
 def collect(cfg: dict, out: Path, data: dict) -> dict:
     """Everything the table and the plot need, read from the runs' own files."""
     class_names = None
@@ -744,7 +759,8 @@ def collect(cfg: dict, out: Path, data: dict) -> dict:
                 marker = read_json(pretrain_dir(out, arm, pseed) / "study_pretrain.json")
                 if marker:
                     row["pretrain"].append({"seed": pseed, "steps": marker.get("steps"), "wall_s": marker["wall_s"],
-                                            "plan": marker.get("plan")})
+                                            "plan": marker.get("plan"),
+                                            "final": final_metrics(pretrain_dir(out, arm, pseed) / "metrics.jsonl")})
         for seed in cfg["seeds"]:
             folder = finetune_dir(out, arm, seed)
             evaluation = read_json(folder / "eval" / "evaluation.json")
@@ -932,8 +948,8 @@ def write_results(cfg: dict, out: Path, results_dir: Path, data: dict, study: di
         "## Dice on the held-out case(s), mean ± sd over seeds",
         "",
         "| method | network | pre-training steps | pre-training wall | fine-tuning wall | seeds | "
-        + " | ".join(f"{c} Dice" for c in classes) + " | mean Dice |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(classes) + 1),
+        + " | ".join(f"{c} Dice" for c in classes) + " | mean Dice | mean Dice per seed (min–max) |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(classes) + 2),
     ]
     for row in results["arms"]:
         seeds = row["seeds"].values()
@@ -946,8 +962,24 @@ def write_results(cfg: dict, out: Path, results_dir: Path, data: dict, study: di
         ft_txt = "–" if ft_m is None else fmt_time(ft_m) + (f" ± {fmt_time(ft_s)}" if ft_s is not None else "")
         cells = [fmt_ms([s["dice"].get(c) for s in seeds]) for c in classes]
         cells.append(fmt_ms([s["mean_dice"] for s in seeds]))
+        per_seed = [s["mean_dice"] for s in seeds if s["mean_dice"] is not None]
+        cells.append(f"{', '.join(f'{v:.3f}' for v in per_seed)} ({min(per_seed):.3f}–{max(per_seed):.3f})"
+                     if per_seed else "–")
         lines.append(f"| {row['title']} | {row['network']} | {steps_txt} | {pt_txt} | {ft_txt} | "
                      f"{len(row['seeds'])} | " + " | ".join(cells) + " |")
+    finals = [(row, p) for row in results["arms"] for p in row["pretrain"] if p.get("final")]
+    if finals:
+        keys = [k for k in FINAL_KEYS if any(k in p["final"] for _, p in finals)]
+        lines += ["", "## Pre-training at the end (mean over the last 10 % of steps)", "",
+                  "MiM's alignment terms and its collapse monitor: `cos..._match` is the cosine between each "
+                  "child's and its own parent's alignment-head outputs, `cos..._mismatch` the same against another "
+                  "pair's parent. When the two are equal, the alignment carries no information about which region "
+                  "a child came from.", "",
+                  "| method | pre-training seed | " + " | ".join(keys) + " |",
+                  "|---|---:|" + "---:|" * len(keys)]
+        for row, p in finals:
+            lines.append(f"| {row['title']} | {p['seed']} | "
+                         + " | ".join(f"{p['final'][k]:.4g}" if k in p["final"] else "–" for k in keys) + " |")
     all_steps = sorted({st for r in results["arms"] for s in r["seeds"].values() for st in s["curve"]})
     if all_steps:
         lines += ["", "## Validation Dice by fine-tuning step (mean over classes, then mean over seeds)", "",

@@ -17,6 +17,9 @@
 #   CONFIG         hyper-parameters (default: Training/configs/mim_base_paper.json)
 #   DEVICE         cuda (default) or cpu (gloo backend)
 #   PYTHON         interpreter with mimcore installed (default python)
+#   CROPS_PER_STEP  crops per optimizer step over all processes (default: the config's
+#             effective_batch, 128 for MiM as published); fewer crops scale the learning rate
+#             linearly (lr = 2e-4 x crops / 128 for MiM) and mim pretrain prints the rate it chose
 #   TORCHRUN       launcher command (default torchrun; "python -m torch.distributed.run" works too)
 # NCCL picks the network itself; set NCCL_SOCKET_IFNAME (e.g. eth0) if it chooses the wrong one.
 # --accum is set so that batch x accum x NNODES x NPROC = the config's effective_batch.
@@ -33,11 +36,18 @@ RDZV_ID="${RDZV_ID:-mim_pretrain}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to HOST:PORT of the rendezvous (node 0)}"
 : "${DATALIST:?set DATALIST to a datalist JSON}"
 : "${OUTPUT:?set OUTPUT to a run folder}"
-
+ACCUM=()
+if [ -n "${CROPS_PER_STEP:-}" ]; then
+    PROCS=$((NNODES * NPROC))
+    if [ $((CROPS_PER_STEP % PROCS)) -ne 0 ]; then
+        echo "CROPS_PER_STEP=$CROPS_PER_STEP is not a multiple of the $PROCS processes" >&2; exit 2
+    fi
+    ACCUM=(--accum $((CROPS_PER_STEP / PROCS)))
+fi
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 set -x
 exec $TORCHRUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
     -m mimcore pretrain --datalist "$DATALIST" --output "$OUTPUT" --device "$DEVICE" \
-    --config "$CONFIG" "$@"
+    --config "$CONFIG" "${ACCUM[@]}" "$@"

@@ -13,7 +13,20 @@ import os
 from pathlib import Path
 
 from mimcore.errors import MimError
+from mimcore.methods.recipes import RECIPES
 from mimcore.methods.registry import ALL_BACKBONES, BACKBONES, METHODS, resolve_backbone
+
+ALIGNMENTS = ("region", "published", "ce")
+
+
+def _per_method(field: str, fmt=lambda v: f"{v:g}") -> str:
+    """'mim 0.05, mae 0.05, ...': a recipe field of every method, for the help texts."""
+    return ", ".join(f"{m} {fmt(getattr(r, field))}" for m, r in RECIPES.items())
+
+
+def _lr_defaults() -> str:
+    return "; ".join(f"{m} {r.lr:g}" + (f" at {r.lr_batch} crops per step, scaled linearly" if r.lr_batch else "")
+                     for m, r in RECIPES.items())
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,13 +41,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--datalist", metavar="JSON", help="MONAI-style datalist (e.g. the one `mim data samples` prints).")
     src.add_argument("--section", help="Datalist section (default: 'pretraining' if present, else 'training').")
     src.add_argument("--data-dir", metavar="DIR", help="Folder of NIfTI/NRRD volumes or DICOM series subfolders.")
-    src.add_argument("--hu-window", nargs=2, type=float, default=(-1000.0, 1000.0), metavar=("MIN", "MAX"),
-                     help="HU window scaled to [0, 1] (default -1000 1000, as published).")
-    src.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                     help="Resample every volume to this voxel size in mm (along its axes once reoriented to "
-                          "RAS) before cropping. Default: "
-                          "no resampling, as MiM and GMIM are published; the MAE/SimMIM BTCV recipe uses "
-                          "1.5 1.5 2.")
+    src.add_argument("--hu-window", nargs=2, type=float, metavar=("MIN", "MAX"),
+                     help="HU window scaled to [0, 1]. Default: the method's published window (MiM, GMIM "
+                          "-1000 1000; MAE, SimMIM -175 250).")
+    src.add_argument("--spacing", nargs="+", metavar="MM",
+                     help="Resample every volume to this voxel size in mm, X Y Z (along its axes once reoriented "
+                          "to RAS) before cropping, or 'native' to keep it. Default: as published: native for "
+                          "MiM and GMIM, 1.5 1.5 2 for MAE and SimMIM (BTCV).")
+    src.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=None,
+                     help="Cut each windowed volume to its foreground (MONAI CropForegroundd) before cropping. "
+                          "Default: as published (on for MAE and SimMIM, off for MiM and GMIM).")
+    src.add_argument("--crops-per-volume", type=int, metavar="K",
+                     help="Consecutive crops cut from one volume (MAE/SimMIM: 4 volumes x 4 crops per step). "
+                          "Default: as published (" + _per_method("crops_per_volume", str) + ").")
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="JSON",
                      help="Recipe file (e.g. Training/configs/mim_base_paper.json): its \"args\" replace the "
@@ -50,10 +69,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, help="Length in epochs instead of --steps.")
     run.add_argument("--batch", type=int, default=1, help="Crops per process per micro-batch (default 1).")
     run.add_argument("--accum", type=int, default=1, help="Gradient accumulation micro-batches (default 1).")
-    run.add_argument("--base-lr", type=float, default=1e-4, help="lr = base-lr x effective batch / 256 (default 1e-4).")
-    run.add_argument("--lr", type=float, help="Absolute learning rate (overrides --base-lr scaling).")
-    run.add_argument("--weight-decay", type=float, default=0.05)
-    run.add_argument("--warmup-epochs", type=float, default=40.0, help="Linear warm-up length (default 40 epochs).")
+    run.add_argument("--lr", type=float,
+                     help="Peak learning rate, used as given (or scaled with --lr-batch). Default: the method's "
+                          "published rule: " + _lr_defaults() + ".")
+    run.add_argument("--lr-batch", type=int, metavar="N",
+                     help="--lr is the rate at N crops per step: lr x (batch x accum x processes) / N.")
+    run.add_argument("--base-lr", type=float, help="lr = base-lr x effective batch / 256 (instead of --lr).")
+    run.add_argument("--min-lr", type=float,
+                     help="Floor of the cosine schedule. Default: as published (" + _per_method("min_lr") + ").")
+    run.add_argument("--weight-decay", type=float,
+                     help="AdamW weight decay. Default: as published (" + _per_method("weight_decay") + ").")
+    run.add_argument("--betas", nargs=2, type=float, metavar=("B1", "B2"),
+                     help="AdamW betas. Default: as published (" + _per_method("betas", lambda b: "%g %g" % b) + ").")
+    run.add_argument("--warmup-epochs", type=float,
+                     help="Linear warm-up length in epochs. Default: the published fraction of the run (MiM "
+                          "40 of 800 epochs, MAE 300 of 3,000, SimMIM 50 of 1,000, GMIM 500 of 4,000 steps).")
     run.add_argument("--warmup-steps", type=int, help="Warm-up length in steps (overrides --warmup-epochs).")
     run.add_argument("--clip-grad", type=float, default=0.0, help="Clip the gradient norm to this (0 = off).")
     run.add_argument("--seed", type=int, default=0)
@@ -68,6 +98,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--no-tensorboard", action="store_true")
     run.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                      help="bar (default), json (one event per line on stdout, for GUIs) or none.")
+    run.add_argument("--alignment", choices=ALIGNMENTS,
+                     help="MiM's cross-level alignment: region (default; child vs its parent region), published "
+                          "(the released 'byol' terms) or ce (the released default: classify the child's octant).")
     run.add_argument("--mim", type=json.loads, default={}, metavar="JSON",
                      help='MiM settings, e.g. \'{"level2_mask_ratio": 0.6, "loss_weights": {...}}\'.')
     run.add_argument("--method-config", type=json.loads, default={}, metavar="JSON",
@@ -85,6 +118,8 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise MimError(f"cannot use recipe {path}: {e}; it must be JSON with an \"args\" object") from None
     for key, value in recipe.items():
+        if key.startswith("_"):
+            continue  # a comment
         dest = key.replace("-", "_")
         if not hasattr(args, dest):
             raise MimError(f"recipe {path} sets unknown option {key!r}")
@@ -98,22 +133,46 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         args.accum = eff // per_step
 
 
+def parse_spacing(values) -> tuple[float, float, float] | str | None:
+    """``--spacing``: None (the method's recipe), "native", or three sizes in mm."""
+    if values is None:
+        return None
+    values = [values] if isinstance(values, str) else list(values)
+    if [str(v).lower() for v in values] == ["native"]:
+        return "native"
+    try:
+        spacing = tuple(float(v) for v in values)
+    except ValueError:
+        spacing = ()
+    if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
+        raise MimError(f"--spacing {' '.join(map(str, values))} is neither three positive sizes in mm "
+                       "(e.g. --spacing 1.5 1.5 2) nor 'native'")
+    return spacing
+
+
 def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from mimcore.training.pretrain import PretrainArgs, run_pretrain
 
     if args.config:
         apply_config(args, parser)
     resolve_backbone(args.method, args.backbone)  # exit code 2 with the allowed pairs
+    mim_settings = dict(args.mim)
+    if args.alignment is not None:
+        if args.method != "mim":
+            raise MimError(f"--alignment is a MiM setting; --method {args.method} has no cross-level alignment")
+        mim_settings["alignment"] = args.alignment
 
     summary = run_pretrain(PretrainArgs(
         output=args.output, datalist=args.datalist, data_dir=args.data_dir, section=args.section,
         preset=args.preset, batch=args.batch, accum=args.accum, steps=args.steps, epochs=args.epochs,
         warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs, base_lr=args.base_lr, lr=args.lr,
+        lr_batch=args.lr_batch, min_lr=args.min_lr, betas=tuple(args.betas) if args.betas else None,
+        crops_per_volume=args.crops_per_volume, crop_foreground=args.crop_foreground,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed, device=args.device,
         precision=args.precision, workers=args.workers, save_every=args.save_every, log_every=args.log_every,
         resume=args.resume, progress=args.progress, tensorboard=not args.no_tensorboard,
-        hu_window=tuple(args.hu_window), spacing=tuple(args.spacing) if args.spacing else None,
-        mim=args.mim, method=args.method, backbone=args.backbone,
+        hu_window=tuple(args.hu_window) if args.hu_window else None, spacing=parse_spacing(args.spacing),
+        mim=mim_settings, method=args.method, backbone=args.backbone,
         method_config=args.method_config,
     ))
     if args.progress != "json" and "checkpoint" in summary:

@@ -1,17 +1,19 @@
-"""CT preprocessing for pre-training (methods.md, "Optimisation and data"):
-orientation RAS, optional resampling, clip HU to a window scaled to [0, 1], pad to the
-crop size, random crop; no augmentation. Built from MONAI dictionary transforms.
+"""CT preprocessing for pre-training (METHODS.md, "Optimisation and data"):
+orientation RAS, optional resampling, clip HU to a window scaled to [0, 1], optionally
+crop to the foreground, pad to the crop size, random crop; no augmentation. Built from
+MONAI dictionary transforms.
 
-MiM and GMIM are published without resampling (the default); the MAE/SimMIM BTCV recipe
-resamples to 1.5 x 1.5 x 2 mm first (``spacing=(1.5, 1.5, 2.0)``).
+MiM and GMIM are published without resampling or foreground cropping; the MAE/SimMIM
+BTCV recipe resamples to 1.5 x 1.5 x 2 mm first (``spacing=(1.5, 1.5, 2.0)``) and crops
+to the foreground (``crop_foreground=True``) before the random crops.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from monai.transforms import (Compose, EnsureTyped, Orientationd, RandSpatialCropd, ScaleIntensityRanged,
-                              Spacingd, SpatialPadd)
+from monai.transforms import (Compose, CropForegroundd, EnsureTyped, Orientationd, RandSpatialCropd,
+                              ScaleIntensityRanged, Spacingd, SpatialPadd)
 
 from mimcore.data.transforms import LoadVolumed
 from mimcore.errors import MimError
@@ -19,13 +21,15 @@ from mimcore.errors import MimError
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Intensity window (HU) mapped to [0, 1], the orientation every volume is put in and
-    the voxel size (mm, along the oriented axes) it is resampled to (None: kept)."""
+    """Intensity window (HU) mapped to [0, 1], the orientation every volume is put in,
+    the voxel size (mm, along the oriented axes) it is resampled to (None: kept) and
+    whether it is cropped to its foreground (voxels above the window's lower end)."""
 
     hu_min: float = -1000.0
     hu_max: float = 1000.0
     orientation: str = "RAS"
     spacing: tuple[float, float, float] | None = None
+    crop_foreground: bool = False
 
     def __post_init__(self):
         if self.hu_max <= self.hu_min:
@@ -51,16 +55,21 @@ class Preprocessing:
 def deterministic_transforms(crop_size: int, prep: Preprocessing = Preprocessing()) -> Compose:
     """{"image": path} -> {"image": MetaTensor (1, X', Y', Z') in [0, 1], every side >= crop_size}.
 
-    With ``prep.spacing`` the volume is resampled (trilinear, on the oriented grid) first.
-    Padding uses 0, i.e. air at the lower end of the window. The MetaTensor's affine
-    follows every step, so a crop can be placed back in the patient.
+    With ``prep.spacing`` the volume is resampled (trilinear, on the oriented grid) first;
+    with ``prep.crop_foreground`` the windowed volume is cut to the box of its voxels > 0
+    (MONAI ``CropForegroundd``, as the MAE/SimMIM BTCV recipe). Padding uses 0, i.e. air at
+    the lower end of the window. The MetaTensor's affine follows every step, so a crop can
+    be placed back in the patient.
     """
     resample = [Spacingd(keys="image", pixdim=prep.spacing, mode="bilinear")] if prep.spacing else []
+    foreground = [CropForegroundd(keys="image", source_key="image", allow_smaller=True)] \
+        if prep.crop_foreground else []
     return Compose([
         LoadVolumed(keys="image"),
         Orientationd(keys="image", axcodes=prep.orientation, labels=None),
         *resample,
         ScaleIntensityRanged(keys="image", a_min=prep.hu_min, a_max=prep.hu_max, b_min=0.0, b_max=1.0, clip=True),
+        *foreground,
         SpatialPadd(keys="image", spatial_size=(crop_size,) * 3, mode="constant", value=0.0),
         EnsureTyped(keys="image", dtype="float32"),
     ])

@@ -1,4 +1,4 @@
-"""Self-supervised pre-training methods (methods.md): MiM (``mim``), MAE (``mae``), SimMIM
+"""Self-supervised pre-training methods (METHODS.md): MiM (``mim``), MAE (``mae``), SimMIM
 (``simmim``) and GMIM (``gmim``). :mod:`mimcore.methods.registry` lists them with their
 backbones and builds the model a run trains. Nothing is imported here, so that reading the
 registry's names stays cheap.

@@ -2,7 +2,7 @@
 backbone can be compared separately (issue 5):
 
 - ``vit``: :class:`~mimcore.models.vit.ViTEncoder` (MONAI's ViT; ViT-B/16 for ``base``);
-- ``convvit``: :class:`ConvViTEncoder`, MiM's hybrid ConvViT3D (methods.md section 1).
+- ``convvit``: :class:`ConvViTEncoder`, MiM's hybrid ConvViT3D (METHODS.md section 1).
 
 Both take (B, 1, S, S, S) volumes, cut them into 16^3 tokens in raster order and offer
 

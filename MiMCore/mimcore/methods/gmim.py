@@ -1,39 +1,89 @@
 """GMIM — grid mask image modeling (Qi et al., Computers in Biology and Medicine 2024),
-methods.md section 3, on MONAI's SwinUNETR encoder.
+METHODS.md section 3, on MONAI's SwinUNETR encoder, as the authors released it.
 
 One training sample is a (R, R, R) region (R = ``crop_size``, 160 for ``base``):
 
-- two overlapping (S, S, S) crops x and y of it (S = ``input_size``, 128), offsets
-  drawn from the generator (:func:`crop_pair`);
+- two overlapping (S, S, S) crops x and y of it (S = ``input_size``, 128), offsets drawn
+  from the generator (:func:`crop_pair`);
+- augmentation (:func:`augment_pair`): x and y are each flipped along every spatial axis
+  with probability 0.5 (independent draws per image, axis and branch); y then gets MONAI's
+  ``RandAdjustContrast`` (gamma in [0.7, 1.5], p 0.7), ``RandShiftIntensity`` (offsets
+  0.4, p 0.4) and ``RandGaussianNoise`` (mean 0, std U(0, 0.1), p 0.5), per image;
 - online branch: x is grid-masked (:mod:`mimcore.methods.grid_masking`: entropy-chosen
   grid, per-cell ratios 0.35-0.65) after the patch embedding, hidden tokens set to 0;
-  before encoder stages 1-3 (the inputs of MONAI's ``layers2..4``; ``layers1`` is stage
-  0, whose input is the patch embedding) a fresh mask is applied with probability 0.3,
-  the ratio halving at each point. A conv decoder reconstructs x from the last stage;
-  MSE on the voxels hidden by the first mask;
-- target branch: the same encoder and projector, no gradient, on y after a random
-  intensity scale and shift; no masking;
-- each branch's last-stage tokens (LayerNorm'd, as ``SwinUNETR`` normalises them) go
-  through the linear projector (768 -> 512 for ``base``); the Barlow-Twins loss pairs
-  token i of x with token i of y, the B * L tokens being the samples of the
-  cross-correlation;
-- total = ``recon_weight`` * recon + ``barlow_weight`` * barlow (1 and 0.005).
+  then, before MONAI's ``layers1``, ``layers2`` and ``layers3`` (``remask_stages`` 0, 1,
+  2; stage k = ``layers{k+1}``), a fresh mask is applied with probability 0.3 each, the
+  ratio halving at each call (1/2, 1/4, 1/8 of the first). The masking points are thus,
+  in order: first mask (layers1 input, always), re-mask (layers1 input), re-mask (layers2
+  input), re-mask (layers3 input); ``layers4`` is not re-masked. A conv decoder
+  reconstructs x from the last stage: MSE with the voxels left visible by the first mask
+  zeroed in prediction and target, averaged over all voxels (published ``--invis_patches``);
+- target branch: the same encoder on y, no gradient, no masking;
+- each branch's last-stage tokens go through its own trainable linear projector (768 ->
+  512 for ``base``: ``projector`` for x, ``target_projector`` for y; the target projector
+  is trained, only the target encoder pass is gradient-free); the cross-correlation
+  (:func:`cross_correlation_loss`) is, per image, C = z_x^T z_y / n over the image's n
+  tokens (token i of x paired with token i of y), not standardised, loss
+  sum_i (1 - C_ii)^2 + 0.005 * sum_{i != j} C_ij^2, averaged over the images;
+- total = ``recon_weight`` * recon + ``barlow_weight`` * cross-correlation (1 and 0.005).
 
-Randomness (crop offsets, augmentation, masks, re-mask draws) comes from the
-``generator`` passed to :meth:`GMIMPretrainModel.forward`, on the CPU.
+``cross_correlation="standardised"`` instead gives the Barlow-Twins form this module used
+before (one projector shared by both branches, the target's without gradient; features
+standardised over all B * L tokens of the batch, :func:`barlow_twins_loss`) — an option,
+not the published method.
 
-Where this differs from the published code (its defaults - ratios 0.35-0.65, re-mask
-probability 0.3, Barlow weights 0.005 - agree with methods.md):
+Randomness (crop offsets, flips, the intensity transforms' seeds, masks, re-mask draws)
+comes from the ``generator`` passed to :meth:`GMIMPretrainModel.forward`, on the CPU: the
+forward pass is reproducible from it.
+
+Matches the published code as METHODS.md reads it: the Swin encoder (feature 48, depths
+2-2-2-2, heads 3/6/12/24, window 7, patch 2); 128^3 crops of a 160^3 region; candidate
+grids 4/8/16 chosen by ``g^-0.1 * std / mean`` of the cell entropies; per-cell ratios
+linear in the entropy rank over 0.35-0.65; hidden tokens zeroed; re-masking before
+``layers1..3`` with probability 0.3, ratio halved at every call, none before ``layers4``;
+the decoder (5 x conv + InstanceNorm + LeakyReLU + 2x upsample, then a 1^3 conv); the
+``--invis_patches`` MSE; the target encoder without gradient; two trainable projectors
+768 -> 512; the per-image, unstandardised cross-correlation with lambda 0.005 averaged
+over images; total 0.005 * cross-correlation + reconstruction; the augmentations and
+their parameters (``RandGaussianNoise`` as MONAI has always drawn it: each call's std
+from U(0, 0.1)); the optimisation constants (:data:`PUBLISHED_OPTIMIZATION`).
+
+Where it differs from the published code:
 
 - cell entropy from a 256-bin histogram over [0, 1] (the published code counts distinct
   float values, which on continuous data mostly measures the cell size);
 - per-cell hidden counts are rounded stochastically (truncation hides nothing in one-token
-  cells); where the token map is coarser than the grid, cells merge with their mean ratio;
-- the reconstruction MSE is averaged over the hidden voxels (not over all voxels);
-- y's intensity augmentation is a per-image scale U(0.9, 1.1) and shift U(-0.1, 0.1);
+  cells); where a token map is coarser than the grid, cells merge with their mean ratio
+  (never at the default re-mask stages of the presets; only with re-masking before
+  ``layers4``);
+- all random draws come from one torch generator (MONAI's transforms are seeded from it
+  per image) rather than numpy's and MONAI's global streams: same distributions, other
+  samples;
 - ``small``/``tiny`` use a 64^3 input (at 32^3 the last stage is one token: InstanceNorm
-  and the Barlow-Twins statistics are undefined), window 4 and grids 2/4/8 so cells keep
+  and the per-image correlation are degenerate), window 4 and grids 2/4/8 so cells keep
   base's 32/16/8-voxel size.
+
+Choices where METHODS.md does not pin the published behaviour:
+
+- the flips are geometry, so x is flipped before the encoder and the reconstruction
+  target is that same flipped x (without intensity augmentation — x gets none): the
+  "un-augmented x" of METHODS.md in the intensity sense; the grid is chosen on the
+  flipped x;
+- x's and y's flips are drawn independently;
+- the reconstruction loss counts the voxels hidden by the first mask (after the patch
+  embedding); tokens hidden only by a re-mask deeper in the encoder are not reconstruction
+  targets (they are visible in the input);
+- the projectors see the last-stage tokens as SwinUNETR's encoder returns them
+  (layer-normalised without affine, ``proj_out(normalize=True)``).
+
+Checkpoints written before these changes: their ``method_config`` loads
+(:meth:`GMIMConfig.from_dict`): ``aug_scale``/``aug_shift`` (the old y intensity scale
+and shift) are accepted and dropped; ``remask_stages`` (1, 2, 3) keeps its meaning (the
+stage index has not changed): re-masking before ``layers2..4``, as those runs trained;
+the missing ``cross_correlation`` takes the default ``published``. Their weights load too:
+a state dict with ``projector.*`` but no ``target_projector.*`` (the old shared
+projector) fills the target projector with a copy of it, which is the function the old
+target branch computed.
 """
 
 from __future__ import annotations
@@ -42,7 +92,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UpSample
+from monai.transforms import RandAdjustContrast, RandGaussianNoise, RandShiftIntensity
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from mimcore.errors import MimError
@@ -52,10 +105,16 @@ from mimcore.methods.grid_masking import (
     token_hidden,
     voxel_hidden,
 )
-from mimcore.methods.losses import masked_mse
 from mimcore.models.swin import build_swin_encoder
 
-_TUPLE_FIELDS = ("depths", "num_heads", "grids", "ratio_range", "remask_stages")
+_TUPLE_FIELDS = ("depths", "num_heads", "grids", "ratio_range", "remask_stages", "contrast_gamma")
+
+#: settings of earlier versions that :meth:`GMIMConfig.from_dict` accepts and drops:
+#: the target branch's old intensity augmentation ``y * U(1 +- aug_scale) + U(+- aug_shift)``,
+#: replaced by the published MONAI transforms
+LEGACY_FIELDS = ("aug_scale", "aug_shift")
+
+CROSS_CORRELATIONS = ("published", "standardised")
 
 
 @dataclass(frozen=True)
@@ -70,11 +129,18 @@ class GMIMConfig:
     entropy_bins: histogram bins over [0, 1] for the cell entropy.
     grid_exponent: the criterion is ``g^-grid_exponent * std / mean``.
     ratio_range: mask ratios of the lowest and highest entropy cells.
-    remask_stages: encoder stages (0-3, stage k = MONAI ``layers{k+1}``) before which a
-        fresh mask may be applied; remask_prob its probability, remask_factor the ratio
-        factor per masking point.
-    barlow_lambda: off-diagonal weight of the Barlow-Twins loss.
-    aug_scale, aug_shift: target-branch intensity ``y * U(1 +- aug_scale) + U(+- aug_shift)``.
+    remask_stages: encoder stages (0-3, stage k = MONAI ``layers{k+1}``, increasing) before
+        which a fresh mask may be applied, after the first mask (which is applied after the
+        patch embedding, i.e. also before stage 0); remask_prob its probability,
+        remask_factor the ratio factor per call (the i-th re-mask: ``remask_factor**i``).
+    cross_correlation: ``published`` (per image, unstandardised, two projectors) or
+        ``standardised`` (Barlow-Twins over the batch's tokens, one shared projector).
+    barlow_lambda: off-diagonal weight of the cross-correlation loss.
+    barlow_weight, recon_weight: weights of the two losses in the total.
+    flip_prob: per image, axis and branch, the probability of a flip.
+    contrast_gamma, contrast_prob: y's ``RandAdjustContrast``.
+    shift_offset, shift_prob: y's ``RandShiftIntensity`` (offset in +- shift_offset).
+    noise_std, noise_prob: y's ``RandGaussianNoise`` (mean 0, each call's std U(0, noise_std)).
     """
 
     input_size: int = 128
@@ -89,14 +155,20 @@ class GMIMConfig:
     entropy_bins: int = 256
     grid_exponent: float = 0.1
     ratio_range: tuple[float, float] = (0.35, 0.65)
-    remask_stages: tuple[int, ...] = (1, 2, 3)
+    remask_stages: tuple[int, ...] = (0, 1, 2)
     remask_prob: float = 0.3
     remask_factor: float = 0.5
+    cross_correlation: str = "published"
     barlow_lambda: float = 0.005
     barlow_weight: float = 0.005
     recon_weight: float = 1.0
-    aug_scale: float = 0.1
-    aug_shift: float = 0.1
+    flip_prob: float = 0.5
+    contrast_gamma: tuple[float, float] = (0.7, 1.5)
+    contrast_prob: float = 0.7
+    shift_offset: float = 0.4
+    shift_prob: float = 0.4
+    noise_std: float = 0.1
+    noise_prob: float = 0.5
     drop_path_rate: float = 0.0
 
     def __post_init__(self):
@@ -107,8 +179,7 @@ class GMIMConfig:
             raise MimError(f"GMIM input_size {s} must be a multiple of patch * 2^stages = {p * 2**n}")
         if self.crop_size < s:
             raise MimError(f"GMIM crop_size {self.crop_size} is smaller than input_size {s}")
-        if any(not 0 < k < n for k in self.remask_stages):
-            raise MimError(f"GMIM remask_stages {self.remask_stages} must be in 1..{n - 1}")
+        self._check_remask_stages(n)
         for g in self.grids:
             if (s // p) % g:
                 raise MimError(f"GMIM grid {g} does not divide the {s // p}^3 patch-embedding token map")
@@ -118,6 +189,25 @@ class GMIMConfig:
                     raise MimError(f"GMIM grid {g} does not fit the {t}^3 token map before stage {k}")
         if not 0 <= self.ratio_range[0] <= self.ratio_range[1] <= 1:
             raise MimError(f"GMIM ratio_range {self.ratio_range} must be within [0, 1] and increasing")
+        self._check_augmentation()
+        if self.cross_correlation not in CROSS_CORRELATIONS:
+            raise MimError(f"GMIM cross_correlation {self.cross_correlation!r}: choose one of "
+                           f"{', '.join(CROSS_CORRELATIONS)}")
+
+    def _check_remask_stages(self, n: int) -> None:
+        st = tuple(self.remask_stages)
+        if any(not 0 <= k < n for k in st) or any(a >= b for a, b in zip(st, st[1:])):
+            raise MimError(f"GMIM remask_stages {st} must be increasing stage indices in 0..{n - 1} "
+                           f"(stage k = MONAI layers{{k+1}})")
+
+    def _check_augmentation(self) -> None:
+        for name in ("flip_prob", "contrast_prob", "shift_prob", "noise_prob", "remask_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise MimError(f"GMIM {name} {getattr(self, name)} must be a probability in [0, 1]")
+        if not 0 < self.contrast_gamma[0] <= self.contrast_gamma[1]:
+            raise MimError(f"GMIM contrast_gamma {self.contrast_gamma} must be positive and increasing")
+        if self.shift_offset < 0 or self.noise_std < 0:
+            raise MimError("GMIM shift_offset and noise_std must not be negative")
 
     @property
     def encoder_dim(self) -> int:
@@ -134,7 +224,10 @@ class GMIMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GMIMConfig":
+        """The config of a ``to_dict`` (also of earlier versions: :data:`LEGACY_FIELDS` are
+        dropped, missing settings take their defaults)."""
         names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k not in LEGACY_FIELDS}
         unknown = set(d) - names
         if unknown:
             raise MimError(f"unknown GMIM settings: {', '.join(sorted(unknown))}")
@@ -144,24 +237,25 @@ class GMIMConfig:
 GMIM_PRESETS: dict[str, GMIMConfig] = {
     # As published: 128^3 input from 160^3 regions, Swin feature 48 (768-d last stage,
     # 4^3 tokens), heads 3/6/12/24, window 7, grids 4/8/16 (cells of 32/16/8 voxels),
-    # projector 768 -> 512.
+    # projectors 768 -> 512. Re-mask token maps 64^3, 32^3, 16^3: every grid fits.
     "base": GMIMConfig(),
     # CPU-sized (about 1-2 s per crop per step on one core): 64^3 input from 80^3 regions
     # (base's 1.25 ratio), feature 24 (384-d last stage, 2^3 tokens), window 4 (a 7^3
     # window costs 5x the attention of 4^3 and on a 32^3 token map pads it to 35^3),
-    # projector 384 -> 256 (base's 2/3), grids 2/4/8 so cells keep base's 32/16/8 voxels.
+    # projectors 384 -> 256 (base's 2/3), grids 2/4/8 so cells keep base's 32/16/8 voxels
+    # (re-mask token maps 32^3, 16^3, 8^3).
     "small": GMIMConfig(input_size=64, crop_size=80, feature_size=24, window_size=4, proj_dim=256,
                         grids=(2, 4, 8)),
-    # For tests: as small with feature 12 (192-d last stage), heads 1/2/4/8, projector
+    # For tests: as small with feature 12 (192-d last stage), heads 1/2/4/8, projectors
     # 192 -> 128. The input stays 64^3: at 32^3 the last stage is a single token, which
-    # the decoder's InstanceNorm cannot normalise and which leaves the Barlow-Twins term
-    # one sample per image.
+    # the decoder's InstanceNorm cannot normalise and which leaves the cross-correlation
+    # one token per image.
     "tiny": GMIMConfig(input_size=64, crop_size=80, feature_size=12, num_heads=(1, 2, 4, 8), window_size=4,
                        proj_dim=128, grids=(2, 4, 8)),
 }
 
 
-#: the published optimisation (methods.md section 3): AdamW, lr 4e-4, weight decay 1e-5,
+#: the published optimisation (METHODS.md section 3): AdamW, lr 4e-4, weight decay 1e-5,
 #: 500 linear warm-up steps then cosine — for the training loop, not used in this module
 PUBLISHED_OPTIMIZATION = {"optimizer": "adamw", "lr": 4e-4, "weight_decay": 1e-5, "warmup_steps": 500,
                           "schedule": "cosine"}
@@ -207,21 +301,76 @@ def crop_pair(region: torch.Tensor, size: int, generator: torch.Generator | None
     return x, y, offsets
 
 
-def intensity_augment(y: torch.Tensor, generator: torch.Generator | None = None,
-                      scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
-    """Per image ``y * a + b``, a ~ U(1 - scale, 1 + scale), b ~ U(-shift, shift): (B, ...) -> same."""
-    u = torch.rand(y.shape[0], 2, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
-    a = 1 + scale * (2 * u[:, 0] - 1)
-    b = shift * (2 * u[:, 1] - 1)
-    view = (-1,) + (1,) * (y.ndim - 1)
-    return y * a.view(view) + b.view(view)
+def random_flips(x: torch.Tensor, prob: float = 0.5, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each image along each spatial axis with probability ``prob``.
+
+    x (B, C, D, H, W) -> (flipped x, same shape; flags (B, 3) bool, True where axis d/h/w
+    of image b was flipped). Draws: one (B, 3) uniform tensor from ``generator``.
+    """
+    flags = torch.rand(x.shape[0], 3, generator=generator, dtype=torch.float64) < prob
+    out = [img.flip([1 + a for a in range(3) if f[a]]) if any(f) else img
+           for img, f in zip(x, flags.tolist())]
+    return torch.stack(out), flags
+
+
+def intensity_transforms(cfg: GMIMConfig) -> list:
+    """Fresh MONAI transforms of the target branch, in order: ``RandAdjustContrast``,
+    ``RandShiftIntensity``, ``RandGaussianNoise`` (each acting on one (C, D, H, W) image)."""
+    return [RandAdjustContrast(prob=cfg.contrast_prob, gamma=tuple(cfg.contrast_gamma)),
+            RandShiftIntensity(offsets=cfg.shift_offset, prob=cfg.shift_prob),
+            RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std)]
+
+
+def intensity_augment(y: torch.Tensor, cfg: GMIMConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """y's intensity augmentation, per image: (B, C, D, H, W) -> same shape and dtype.
+
+    Draws a (B, 3) tensor of seeds from ``generator``; image b's transform t is seeded
+    with ``seeds[b, t]`` (``set_random_state``), so the result is reproducible from it.
+    """
+    seeds = torch.randint(0, 2**31 - 1, (y.shape[0], 3), generator=generator).tolist()
+    out = []
+    for img, row in zip(y, seeds):
+        for t, seed in zip(intensity_transforms(cfg), row):
+            img = t.set_random_state(seed=seed)(img)
+        out.append(convert_to_tensor(img, track_meta=False).to(y.dtype))
+    return torch.stack(out)
+
+
+def augment_pair(x: torch.Tensor, y: torch.Tensor, cfg: GMIMConfig, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (B, 1, S, S, S) -> augmented x, y, same shapes.
+
+    x: random flips only (it is also the reconstruction target); y: random flips, then
+    :func:`intensity_augment`. Draw order: x's flips, y's flips, y's transform seeds.
+    """
+    x, _ = random_flips(x, cfg.flip_prob, generator)
+    y, _ = random_flips(y, cfg.flip_prob, generator)
+    return x, intensity_augment(y, cfg, generator)
 
 
 # --------------------------------------------------------------------------- losses
 
 
+def cross_correlation_loss(zx: torch.Tensor, zy: torch.Tensor, lambd: float = 0.005) -> torch.Tensor:
+    """GMIM's published cross-correlation loss: zx, zy (B, n, D) -> scalar.
+
+    Per image b, C_b = zx_b^T zy_b / n (D, D), the features not standardised;
+    loss_b = sum_i (1 - C_b,ii)^2 + lambd * sum_{i != j} C_b,ij^2; the mean over b.
+    Computed in float32 (outside autocast).
+    """
+    with torch.autocast(zx.device.type, enabled=False):
+        zx, zy = zx.float(), zy.float()
+        c = zx.transpose(1, 2) @ zy / zx.shape[1]  # (B, D, D)
+        diag = torch.diagonal(c, dim1=1, dim2=2)  # (B, D)
+        on = (1 - diag).pow(2).sum(1)
+        off = c.pow(2).sum((1, 2)) - diag.pow(2).sum(1)
+        return (on + lambd * off).mean()
+
+
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.005, eps: float = 1e-5) -> torch.Tensor:
-    """Barlow-Twins loss of paired samples z1, z2 (N, D) -> scalar.
+    """Standardised Barlow-Twins loss of paired samples z1, z2 (N, D) -> scalar (the
+    ``cross_correlation="standardised"`` option, not the published form).
 
     Each feature is standardised over the N samples (mean 0, biased variance + eps, as a
     ``BatchNorm1d(affine=False)`` in training); C = z1n^T z2n / N (D, D);
@@ -238,10 +387,12 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.005, 
     return on + lambd * off
 
 
-def masked_voxel_mse(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """MSE over the hidden voxels only: pred, target (B, 1, S, S, S), hidden bool (B, 1, S, S, S)."""
-    b = pred.shape[0]
-    return masked_mse(pred.reshape(b, -1, 1), target.reshape(b, -1, 1), hidden.reshape(b, -1))
+def hidden_voxel_mse(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The published ``--invis_patches`` MSE: pred, target (B, 1, S, S, S), hidden bool
+    (B, 1, S, S, S) -> scalar. Visible voxels are zeroed in both, the squared error is
+    averaged over all B * S^3 voxels (hidden ones only contribute)."""
+    keep = hidden.to(torch.float32)
+    return F.mse_loss(pred.float() * keep, target.float() * keep)
 
 
 # --------------------------------------------------------------------------- model
@@ -267,18 +418,33 @@ class ReconDecoder(nn.Sequential):
         super().__init__(*layers)
 
 
-def tokens_of(features: torch.Tensor) -> torch.Tensor:
-    """(N, C, s, s, s) -> (N * s^3, C): one row per token, images then raster order."""
-    return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+def image_tokens(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, s, s, s) -> (N, s^3, C): each image's tokens in raster order."""
+    return features.flatten(2).transpose(1, 2)
+
+
+def _shared_projector_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a state dict of the old shared-projector model (``projector.*``,
+    no ``target_projector.*``) gets the target projector as a copy of the shared one."""
+    if getattr(module, "target_projector", None) is None:
+        return
+    if any(k.startswith(prefix + "target_projector.") for k in state_dict):
+        return
+    for name in ("weight", "bias"):
+        if prefix + "projector." + name in state_dict:
+            state_dict[prefix + "target_projector." + name] = state_dict[prefix + "projector." + name]
 
 
 class GMIMPretrainModel(nn.Module):
-    """Swin encoder + reconstruction decoder + projector. ``forward(region, generator)`` -> losses.
+    """Swin encoder + reconstruction decoder + projector(s). ``forward(region, generator)`` -> losses.
 
-    ``forward`` returns scalar tensors: ``loss`` (weighted total), ``recon`` (MSE on hidden
-    voxels), ``barlow`` (Barlow-Twins), and diagnostics ``mask_ratio`` (fraction of
-    voxels hidden by the first mask), ``grid`` (mean chosen cells per axis) and
-    ``remasked`` (re-masking points applied, 0-3).
+    ``projector`` is the online (x) projector; ``target_projector`` the target (y) one
+    (None with ``cross_correlation="standardised"``, where ``projector`` is shared).
+
+    ``forward`` returns scalar tensors: ``loss`` (weighted total), ``recon`` (the
+    ``--invis_patches`` MSE), ``barlow`` (the cross-correlation term, published or
+    standardised), and diagnostics ``mask_ratio`` (fraction of voxels hidden by the first
+    mask), ``grid`` (mean chosen cells per axis) and ``remasked`` (re-masks applied, 0-3).
     """
 
     def __init__(self, cfg: GMIMConfig | None = None):
@@ -288,6 +454,9 @@ class GMIMPretrainModel(nn.Module):
                                           cfg.patch_size, cfg.drop_path_rate)
         self.decoder = ReconDecoder(cfg.encoder_dim, n_up=int(round(math.log2(cfg.downsampling))))
         self.projector = nn.Linear(cfg.encoder_dim, cfg.proj_dim)
+        self.target_projector = nn.Linear(cfg.encoder_dim, cfg.proj_dim) \
+            if cfg.cross_correlation == "published" else None
+        self.register_load_state_dict_pre_hook(_shared_projector_state)
 
     def stages(self) -> list[nn.Module]:
         """The encoder's stages 0-3 (MONAI ``layers1..4``; each ends with patch merging)."""
@@ -301,21 +470,23 @@ class GMIMPretrainModel(nn.Module):
         first token mask (N, S/p, S/p, S/p) bool or None).
 
         With a :class:`~mimcore.methods.grid_masking.GridPlan`, hidden tokens are zeroed
-        after the patch embedding and, before stage ``cfg.remask_stages[i]``, again with
-        a fresh mask at ratio scale ``remask[i]`` where that is not None. ``record``, if
-        given, receives ``(stage, hidden)`` for every mask applied (stage 0 = the first).
+        after the patch embedding (the first mask, ratio scale 1) and, before stage
+        ``cfg.remask_stages[i]``, again with a fresh mask at ratio scale ``remask[i]``
+        where that is not None (a re-mask of stage 0 follows the first mask). ``record``,
+        if given, receives ``(stage, hidden)`` for every mask applied, in order.
         """
         enc = self.encoder
         h = enc.pos_drop(enc.patch_embed(x))
+        if plan is None:
+            points = []
+        else:
+            points = [(0, 1.0)] + [(k, s) for k, s in zip(self.cfg.remask_stages, remask or []) if s is not None]
         hidden0 = None
-        points = dict(zip(self.cfg.remask_stages, remask or []))
         for stage, layer in enumerate(self.stages()):
-            scale = 1.0 if stage == 0 else points.get(stage)
-            if plan is not None and scale is not None:
+            for _, scale in [p for p in points if p[0] == stage]:
                 hid = token_hidden(plan, h.shape[-1], scale, generator).to(h.device)
                 h = h * (~hid)[:, None].to(h.dtype)
-                if stage == 0:
-                    hidden0 = hid
+                hidden0 = hid if hidden0 is None else hidden0
                 if record is not None:
                     record.append((stage, hid))
             h = layer(h.contiguous())
@@ -326,27 +497,40 @@ class GMIMPretrainModel(nn.Module):
         c = self.cfg
         return plan_grid_masks(x, c.grids, c.entropy_bins, c.ratio_range, c.grid_exponent)
 
+    def correlation(self, fx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-correlation term of x's last-stage features fx (N, 16F, s, s, s) (with graph)
+        and the target crop y (N, 1, S, S, S), encoded here without gradient -> scalar."""
+        c = self.cfg
+        zx = self.projector(image_tokens(fx))  # (N, L, P)
+        with torch.no_grad():  # target branch: same encoder weights, no gradient
+            fy, _ = self.encode(y)
+        if c.cross_correlation == "published":
+            return cross_correlation_loss(zx, self.target_projector(image_tokens(fy)), c.barlow_lambda)
+        with torch.no_grad():
+            zy = self.projector(image_tokens(fy))
+        return barlow_twins_loss(zx.flatten(0, 1), zy.flatten(0, 1), c.barlow_lambda)
+
     def forward(self, crop: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """crop (N, 1, R, R, R) in [0, 1] -> dict of scalar losses (see the class docstring)."""
+        """crop (N, 1, R, R, R) in [0, 1] -> dict of scalar losses (see the class docstring).
+
+        Draw order from ``generator``: crop offsets, :func:`augment_pair`, re-mask draws,
+        then the masks (first, then each applied re-mask).
+        """
         c = self.cfg
         x, y, _ = crop_pair(crop, c.input_size, generator)
-        y = intensity_augment(y, generator, c.aug_scale, c.aug_shift)
+        x, y = augment_pair(x, y, c, generator)
         plan = self.plan(x)
         remask = hierarchical_scales(len(c.remask_stages), c.remask_prob, c.remask_factor, generator)
 
         fx, hidden0 = self.encode(x, plan, generator, remask)
         hidden_vox = voxel_hidden(hidden0, c.patch_size)
-        recon = masked_voxel_mse(self.decoder(fx), x, hidden_vox)
-        zx = self.projector(tokens_of(fx))
-        with torch.no_grad():  # target branch: same weights, no gradient
-            fy, _ = self.encode(y)
-            zy = self.projector(tokens_of(fy))
-        barlow = barlow_twins_loss(zx, zy, c.barlow_lambda)
+        recon = hidden_voxel_mse(self.decoder(fx), x, hidden_vox)
+        corr = self.correlation(fx, y)
         dev = recon.device
         return {
-            "loss": c.recon_weight * recon + c.barlow_weight * barlow,
+            "loss": c.recon_weight * recon + c.barlow_weight * corr,
             "recon": recon,
-            "barlow": barlow,
+            "barlow": corr,
             "mask_ratio": hidden_vox.float().mean().to(dev),
             "grid": torch.tensor(sum(plan.grids) / len(plan.grids), device=dev),
             "remasked": torch.tensor(float(sum(s is not None for s in remask)), device=dev),
@@ -358,7 +542,7 @@ class GMIMPretrainModel(nn.Module):
         """volume (1, 1, S, S, S) -> {"input": the volume with hidden voxels zeroed,
         "reconstruction": decoder output, "hidden_mask": bool voxel mask}, each (1, 1, S, S, S).
 
-        The grid mask as in training; re-masking only with ``hierarchical=True``.
+        The grid mask as in training (no augmentation); re-masking only with ``hierarchical=True``.
         """
         c = self.cfg
         plan = self.plan(volume)

@@ -1,4 +1,4 @@
-"""GMIM's grid masking (Qi et al. 2024; methods.md section 3), vectorised in torch.
+"""GMIM's grid masking (Qi et al. 2024; METHODS.md section 3), vectorised in torch.
 
 1. **Grid choice** (per image): split the (S, S, S) image into g^3 cells for each
    candidate g (4, 8, 16 for ``base``), compute each cell's Shannon entropy (bits) of

@@ -38,6 +38,26 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) ->
 def alignment_loss(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """``2 - 2 cos(child, parent)`` averaged over pairs: child, parent (N, C) -> scalar.
 
-    The caller passes ``parent`` computed from detached features (stop-gradient).
+    Stop-gradient, where the alignment wants it, is the caller's (detached features).
     """
     return (2 - 2 * F.cosine_similarity(child.float(), parent.float(), dim=-1)).mean()
+
+
+def cosine_logits(child: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Cosine of every child with every candidate of its group, in float32.
+
+    child (G, K, C), candidates (G, M, C) -> (G * K, M): row ``g * K + k`` holds
+    cos(child[g, k], candidates[g, m]) for m < M.
+    """
+    c = F.normalize(child.float(), dim=-1)
+    m = F.normalize(candidates.float(), dim=-1)
+    return torch.einsum("gkc,gmc->gkm", c, m).reshape(-1, candidates.shape[1])
+
+
+def pair_cosines(child: torch.Tensor, parent: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse monitor of ``2 - 2 cos`` alignment, detached: child, parent (N, C) ->
+    (mean cos of the matched pairs, mean cos of child i with parent i - ``shift``, another pair's)."""
+    with torch.no_grad():
+        c, p = child.float(), parent.float()
+        return (F.cosine_similarity(c, p, dim=-1).mean(),
+                F.cosine_similarity(c, p.roll(shift, dims=0), dim=-1).mean())

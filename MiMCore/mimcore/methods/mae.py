@@ -1,5 +1,5 @@
 """3D MAE (Chen et al., "Masked Image Modeling Advances 3D Medical Image Analysis",
-WACV 2023; methods.md section 2).
+WACV 2023; METHODS.md section 2).
 
 - 75 % of the 16^3 tokens of each volume hidden, uniformly at random;
 - the encoder sees the visible tokens only (ViT-B/16 at 96^3, or MiM's ConvViT3D);

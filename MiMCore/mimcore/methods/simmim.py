@@ -1,4 +1,4 @@
-"""3D SimMIM (Chen et al., WACV 2023; methods.md section 2).
+"""3D SimMIM (Chen et al., WACV 2023; METHODS.md section 2).
 
 - 75 % of the 16^3 tokens of each volume hidden, uniformly at random;
 - the hidden tokens are replaced by a learnable mask token and *all* tokens go through

@@ -1,4 +1,4 @@
-"""What MAE and SimMIM share (methods.md section 2): one level, a uniformly random token
+"""What MAE and SimMIM share (METHODS.md section 2): one level, a uniformly random token
 mask hiding ``mask_ratio`` of the 16^3 tokens of each volume (exactly the same count per
 volume), a prediction of the 16^3 voxels of every token, and an **L1** loss on the
 hidden tokens only, against the raw voxel values (in [0, 1] after the HU window; the

@@ -1,4 +1,4 @@
-"""ConvViT3D: the hybrid conv + ViT encoder of MiM (ConvMAE style), methods.md section 1.
+"""ConvViT3D: the hybrid conv + ViT encoder of MiM (ConvMAE style), METHODS.md section 1.
 
 Stages for a (B, 1, S, S, S) input (S = 96 for ``base``):
 
@@ -23,6 +23,11 @@ therefore keeps the conv stages in a *visible-token layout* (B*K, t, t, t, C), t
 token's edge at that stage, and runs every per-voxel operation on visible voxels only;
 only the depthwise conv sees the full grid (hidden voxels zero). The result equals the
 dense masked computation on the visible tokens (tests compare at 1e-5).
+
+LayerNorm epsilons are the published ones (1e-5 on the conv side, 1e-6 on the transformer
+side) and the fixed position embedding is the published sin-cos layout
+(:mod:`~mimcore.models.posembed`). The published pre-training initialisation is
+:meth:`ConvViT3D.init_as_published`, which the MiM pre-training model calls.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ import torch.utils.checkpoint
 from torch import nn
 
 from mimcore.models.depthwise import depthwise_on_tokens, grid_to_tokens
-from mimcore.models.layers import ConvBlock, PatchEmbed, StridedConv3d, TransformerBlock, space_to_depth
+from mimcore.models.layers import (
+    VIT_LN_EPS,
+    ConvBlock,
+    PatchEmbed,
+    StridedConv3d,
+    TransformerBlock,
+    init_linears_published,
+    space_to_depth,
+)
 from mimcore.models.posembed import sincos_3d
 from mimcore.models.presets import ModelConfig
 
@@ -78,7 +91,19 @@ class ConvViT3D(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(c4, cfg.vit_heads, cfg.mlp_ratio, r) for r in rates)
         # skip paths: stage 1-3 outputs to the token grid, kernel = stride = 8, 4, 2
         self.skips = nn.ModuleList(StridedConv3d(cfg.dims[i], c4, 2 ** (3 - i)) for i in range(3))
-        self.norm = nn.LayerNorm(c4, eps=1e-6)
+        self.norm = nn.LayerNorm(c4, eps=VIT_LN_EPS)
+
+    def init_as_published(self) -> None:
+        """The published pre-training initialisation (its ``initialize_weights``): xavier-uniform
+        weights and zero biases on the ``nn.Linear`` layers outside the conv blocks
+        (:func:`~mimcore.models.layers.init_linears_published`), and xavier-uniform on the third
+        patch embedding's weight viewed as (out, in * 8) - the published code does that for
+        ``patch_embed3`` only, a leftover of 2D ConvMAE where it was the last one. Everything
+        else keeps PyTorch's defaults, as there. A segmentation encoder is not re-initialised:
+        the published fine-tuning network initialises its own way."""
+        init_linears_published(self)
+        w = self.embeds[2].proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
 
     def conv_features(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Stages 1-3: x (B, 1, S, S, S) -> [(B, S/2^(i+1), ..., C_i+1) channels-last] for i = 0, 1, 2."""

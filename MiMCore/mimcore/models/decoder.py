@@ -1,7 +1,9 @@
-"""The MAE-style pre-training decoder of MiM (methods.md, "Decoder").
+"""The MAE-style pre-training decoder of MiM (METHODS.md, "Decoder").
 
 Linear C4 -> Cd; a learnable mask token fills the hidden positions; fixed sin-cos
 position embedding; transformer blocks; LayerNorm; Linear Cd -> 16^3 voxels per token.
+Initialised as published: xavier-uniform ``nn.Linear`` weights, zero biases, mask token
+N(0, 0.02); LayerNorm eps 1e-6.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from mimcore.models.convvit import gather_tokens
-from mimcore.models.layers import TransformerBlock
+from mimcore.models.layers import VIT_LN_EPS, TransformerBlock, init_linears_published
 from mimcore.models.posembed import sincos_3d
 from mimcore.models.presets import ModelConfig
 
@@ -30,9 +32,10 @@ class MaskedDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_3d(cfg.grid, dim))
         self.blocks = nn.ModuleList(TransformerBlock(dim, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.pred = nn.Linear(dim, cfg.patch_size**3)
         nn.init.normal_(self.mask_token, std=0.02)
+        init_linears_published(self)
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed(tokens)

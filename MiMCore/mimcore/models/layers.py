@@ -6,6 +6,11 @@ on the last axis without copies, and the depthwise 5x5x5 convolution sees a
 channels-last (B, C, D, H, W) view, the layout PyTorch's CPU kernels run fastest.
 Kernel = stride convolutions (patch embedding, skip paths) are computed as
 space-to-depth + matmul, exactly equal to ``F.conv3d`` with the same weight.
+
+Published numerics (METHODS.md section 1), so that an authors' checkpoint computes what
+it computed for them: LayerNorm eps :data:`CONV_LN_EPS` (1e-5, PyTorch's default) in the
+conv blocks and patch embeddings, :data:`VIT_LN_EPS` (1e-6) in the transformer blocks
+and final norms; :func:`init_linears_published` for the initialisation.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from monai.networks.layers import DropPath
 from torch import nn
 
 from mimcore.models.depthwise import DepthwiseConv3d
+
+#: LayerNorm eps of the conv blocks and patch embeddings (the published ``nn.LayerNorm(dim)``).
+CONV_LN_EPS = 1e-5
+#: LayerNorm eps of the transformer blocks and the final norms (published ``norm_layer``).
+VIT_LN_EPS = 1e-6
 
 
 def space_to_depth(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,7 +57,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.proj = StridedConv3d(cin, cout, 2)
-        self.norm = nn.LayerNorm(cout, eps=1e-6)
+        self.norm = nn.LayerNorm(cout, eps=CONV_LN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.norm(self.proj(x)))
@@ -62,11 +72,11 @@ class ConvBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=CONV_LN_EPS)
         self.pw_in = nn.Linear(dim, dim)
         self.dw = DepthwiseConv3d(dim, 5)
         self.pw_out = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=CONV_LN_EPS)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -105,12 +115,29 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act="GELU")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_linears_published(module: nn.Module) -> None:
+    """The published initialisation of ``nn.Linear`` layers: xavier-uniform weight, zero bias.
+
+    Applied to every ``nn.Linear`` in ``module`` except those inside a :class:`ConvBlock`:
+    the conv blocks' pointwise layers are 1x1x1 ``nn.Conv3d`` in the published model, which
+    its ``_init_weights`` does not touch, and PyTorch's default ``nn.Linear`` initialisation
+    (kaiming-uniform, a = sqrt(5); bias U(+-1/sqrt(fan_in))) is exactly the ``nn.Conv3d``
+    default for a 1x1x1 kernel, so they keep it.
+    """
+    inside_conv = {id(m) for blk in module.modules() if isinstance(blk, ConvBlock) for m in blk.modules()}
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m) not in inside_conv:
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -26,11 +26,20 @@ official                                    ours (``MiMPretrainModel``)
 ``decoder_pos_embed``                       ``decoder.pos_embed`` (buffer)
 ``decoder_blocks.{k}.*``                    ``decoder.blocks.{k}.*`` (fc1/fc2 -> linear1/2)
 ``decoder_norm`` / ``decoder_pred``         ``decoder.norm`` / ``decoder.pred``
-``aggregate_*`` (four MLPs)                 not imported
+``aggregate_mid.fc1/fc2``                   ``align12_child.linear1/linear2``
+``aggregate_pred_up_feature.fc1/fc2``       ``align12_parent.linear1/linear2``
+``aggregate_down.fc1/fc2``                  ``align23_child.linear1/linear2``
+``aggregate_pred_mid_feature.fc1/fc2``      ``align23_parent.linear1/linear2``
 ==========================================  ==================================================
 
-The four ``aggregate_*`` MLPs of the published model have no documented correspondence
-to our alignment heads (``align12_child`` ...), so they are reported as not imported.
+The four ``aggregate_*`` MLPs are the published alignment heads, read from the released
+``forward``: ``aggregate_mid`` maps the mean level-2 feature, ``aggregate_pred_up_feature``
+the level-1 octant means, ``aggregate_down`` the mean level-3 feature and
+``aggregate_pred_mid_feature`` the level-2 volume's mean (the parent of A23). They import
+into our heads of the same role, so the ``published`` and ``ce`` alignments compute the
+authors' terms; under ``region`` the A23 parent head sees the cut level-2 token instead
+of the volume's mean. (The published position embeddings are imported as they are; ours
+are built in the same layout, :mod:`mimcore.models.posembed`.)
 
 Checkpoints are read with ``torch.load(..., weights_only=True)`` only: a file whose
 pickle asks for anything but plain tensors and containers is refused.
@@ -98,13 +107,19 @@ NAME_RULES: list[tuple[str, str, _Transform]] = [
     (r"decoder_blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", "decoder.blocks.{0}.mlp.linear2.{1}", None),
     (r"decoder_norm\.(weight|bias)", "decoder.norm.{0}", None),
     (r"decoder_pred\.(weight|bias)", "decoder.pred.{0}", None),
+    # ---- alignment heads (2-layer MLPs: fc1/fc2 -> MONAI MLPBlock linear1/linear2)
+    (r"aggregate_mid\.fc([12])\.(weight|bias)", "align12_child.linear{0}.{1}", None),
+    (r"aggregate_pred_up_feature\.fc([12])\.(weight|bias)", "align12_parent.linear{0}.{1}", None),
+    (r"aggregate_down\.fc([12])\.(weight|bias)", "align23_child.linear{0}.{1}", None),
+    (r"aggregate_pred_mid_feature\.fc([12])\.(weight|bias)", "align23_parent.linear{0}.{1}", None),
 ]
 _COMPILED = [(re.compile(pat), tpl, fn) for pat, tpl, fn in NAME_RULES]
 
 #: Official tensors that belong to the pre-training head, not the encoder.
 NON_ENCODER_PREFIXES = ("decoder", "mask_token", "aggregate")
-#: Official tensors deliberately left out (no documented counterpart in our model).
-NOT_IMPORTED_PREFIXES = ("aggregate_",)
+#: Official tensors deliberately left out (no documented counterpart in our model): none
+#: since the alignment heads are mapped; kept for :attr:`ImportReport.not_imported`.
+NOT_IMPORTED_PREFIXES: tuple[str, ...] = ()
 
 
 def is_encoder_name(official_name: str) -> bool:
@@ -131,7 +146,8 @@ class ImportReport:
     """What an import did. Names in ``loaded``/``missing`` are ours, in ``unused`` official.
 
     ``shape_mismatch`` holds ``"official -> ours: (shape) vs (shape)"`` lines;
-    ``not_imported`` lists the official tensors left out on purpose (``aggregate_*``).
+    ``not_imported`` lists the official tensors left out on purpose (none at present:
+    the ``aggregate_*`` alignment heads, once left out, are mapped).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -204,8 +220,8 @@ def convert_official_state_dict(
     """Rename (and reshape 1x1x1 conv weights of) an official state dict to our names.
 
     Returns ``(ours, report)``: ``ours`` uses ``MiMPretrainModel`` names (``encoder.*``,
-    ``decoder.*``); ``report.loaded`` lists them, ``report.unused`` the official names
-    not converted (``aggregate_*`` always, decoder tensors when ``include_decoder`` is
+    ``decoder.*``, ``align*``); ``report.loaded`` lists them, ``report.unused`` the official names
+    not converted (decoder and ``aggregate_*`` tensors when ``include_decoder`` is
     False, unknown names).
     """
     ours: dict[str, torch.Tensor] = {}

@@ -47,9 +47,20 @@ class ModelConfig:
         return cls(**d)
 
 
+#: The cross-level alignment terms MiM offers (see :mod:`mimcore.methods.mim`).
+ALIGNMENTS = ("region", "published", "ce")
+
+
 @dataclass(frozen=True)
 class MiMConfig:
-    """The mask-in-mask method: ratios, level-3 block count and loss weights (methods.md)."""
+    """The mask-in-mask method: ratios, level-3 block count, loss weights and the
+    cross-level alignment (METHODS.md).
+
+    ``alignment``: ``region`` (our design, default), ``published`` (the released
+    ``attn_loss_name byol`` terms) or ``ce`` (the released default ``attn_loss_name CE``:
+    classify where each child came from). ``ce_temperature`` divides the cosine logits of
+    ``ce`` (the released code uses the plain cosines: 1.0).
+    """
 
     level1_octant_ratio: float = 0.5
     level2_mask_ratio: float = 0.6
@@ -57,6 +68,14 @@ class MiMConfig:
     level3_blocks: int = 4
     norm_pix_eps: float = 1e-6
     loss_weights: dict = field(default_factory=lambda: {"l1": 1.0, "l2": 1.0, "l3": 1.0, "a12": 0.1, "a23": 0.1})
+    alignment: str = "region"
+    ce_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.alignment not in ALIGNMENTS:
+            raise MimError(f"unknown MiM alignment {self.alignment!r}; choose one of: {', '.join(ALIGNMENTS)}")
+        if not self.ce_temperature > 0:
+            raise MimError(f"ce_temperature must be positive, got {self.ce_temperature!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""The MiM segmentation network (methods.md, "Fine-tuning (segmentation) as published").
+"""The MiM segmentation network (METHODS.md, "Fine-tuning (segmentation) as published").
 
 The pre-trained :class:`~mimcore.models.convvit.ConvViT3D` encoder without masking, a
 fifth stage (Conv3d k2 s2 C4 -> C4, LayerNorm, GELU) and a SwinUNETR-style U-shaped

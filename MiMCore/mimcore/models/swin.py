@@ -1,4 +1,4 @@
-"""The Swin backbone of GMIM (methods.md section 3): MONAI's SwinUNETR encoder and network.
+"""The Swin backbone of GMIM (METHODS.md section 3): MONAI's SwinUNETR encoder and network.
 
 - :func:`build_swin_encoder` is MONAI's ``SwinTransformer`` built exactly as
   ``SwinUNETR`` builds its ``swinViT`` (patch embedding Conv3d k=s=patch, four stages of

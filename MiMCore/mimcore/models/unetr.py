@@ -1,4 +1,4 @@
-"""UNETR, the fine-tuning network of ViT checkpoints (MAE / SimMIM; methods.md section 2).
+"""UNETR, the fine-tuning network of ViT checkpoints (MAE / SimMIM; METHODS.md section 2).
 
 MONAI's ``UNETR`` as the published code uses it (feature size 16, instance norm, residual
 blocks), on a :class:`~mimcore.models.vit.ViTConfig` (``base``: ViT-B/16 at 96^3). Its

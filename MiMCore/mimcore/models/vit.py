@@ -1,4 +1,4 @@
-"""The plain ViT backbone of MAE and SimMIM in 3D (methods.md section 2), built on MONAI's ``ViT``.
+"""The plain ViT backbone of MAE and SimMIM in 3D (METHODS.md section 2), built on MONAI's ``ViT``.
 
 ``base`` is ViT-B/16 at 96^3 as published (Chen et al., WACV 2023): 16^3 patches (216
 tokens), width 768, 12 blocks, 12 heads, MLP 3072, learned position embedding, no class

@@ -1,6 +1,6 @@
 """Fine-tuning data: labelled cases, their preprocessing and MiM's augmentations.
 
-Pipeline (MONAI dictionary transforms), per methods.md "Fine-tuning as published":
+Pipeline (MONAI dictionary transforms), per METHODS.md "Fine-tuning as published":
 
 - cached, once per case: load image + label, remap the labels to the model's label set,
   orient both to RAS *together*, resample to the model's spacing (bilinear / nearest),

@@ -1,6 +1,9 @@
-"""AdamW with MiM's parameter groups and learning-rate scaling (methods.md, "Optimisation")."""
+"""AdamW with parameter groups, learning-rate scaling and the warm-up + cosine schedule
+(METHODS.md, "Optimisation"; each method's numbers: :mod:`mimcore.methods.recipes`)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -8,18 +11,41 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "position_embeddings", "mask_token")  # MONAI ViT: position_embeddings
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exempt: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
     """Two groups: weight decay on weight matrices/kernels, none on biases, norms (all 1-D
-    parameters), position embeddings and mask tokens."""
+    parameters) and parameters whose name contains one of ``exempt`` (default: position
+    embeddings and mask tokens; MiM's published recipe exempts nothing more, as timm's
+    ``add_weight_decay``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES):
+        if p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in exempt):
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0, then a cosine from each group's lr down to ``floor`` (absolute,
+    e.g. 1e-4) at ``total_steps``: the schedule of MONAI's ``WarmupCosineSchedule`` with
+    ``eta_min`` as in PyTorch's ``CosineAnnealingLR`` (a floor equal to the peak keeps the
+    rate constant after warm-up). Factor at step t (``scheduler.step()`` called t times):
+    t / warmup while t < warmup, else r + (1 - r) * (1 + cos(pi * progress)) / 2 with
+    progress = (t - warmup) / (total - warmup) and r = floor / the group's lr."""
+    ratios = [min(1.0, floor / g["lr"]) if g["lr"] > 0 else 0.0 for g in optimizer.param_groups]
+
+    def factor(ratio: float):
+        def f(step: int) -> float:
+            if step < warmup_steps:
+                return step / max(1, warmup_steps)
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return ratio + (1 - ratio) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(r) for r in ratios])
 
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
@@ -28,8 +54,10 @@ def scaled_lr(base_lr: float, effective_batch: int) -> float:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+                   betas: tuple[float, float] = (0.9, 0.95), exempt: tuple[str, ...] = NO_DECAY_NAMES
+                   ) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, exempt), lr=lr, betas=tuple(betas))
 
 
 def encoder_layer_id(name: str, vit_depth: int) -> int:

@@ -69,16 +69,19 @@ class StepBatches(Sampler):
     """Yields batches of ``(index, seed)`` keys from global sample position ``start`` on.
 
     The stream of a rank is the concatenation of the epochs of a
-    :class:`~torch.utils.data.DistributedSampler` (shuffled with ``seed`` and the epoch):
-    position p is item ``p % n`` of epoch ``p // n``.
+    :class:`~torch.utils.data.DistributedSampler` (shuffled with ``seed`` and the epoch),
+    each item repeated ``per_volume`` times (that many crops of one volume in a row, each
+    with its own seed, as MONAI's ``num_samples``): position p is item ``q % n`` of epoch
+    ``q // n``, q = p // per_volume.
     """
 
-    def __init__(self, n_items: int, batch: int, start: int, n_batches: int, seed: int, rank: int, world: int):
+    def __init__(self, n_items: int, batch: int, start: int, n_batches: int, seed: int, rank: int, world: int,
+                 per_volume: int = 1):
         self.sampler = DistributedSampler(range(n_items), num_replicas=world, rank=rank, shuffle=True,
                                           seed=seed, drop_last=False)
         self.per_epoch = len(self.sampler)
         self.batch, self.start, self.n_batches = batch, start, n_batches
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.per_volume = seed, rank, per_volume
 
     def __len__(self) -> int:
         return self.n_batches
@@ -89,11 +92,12 @@ class StepBatches(Sampler):
         for _ in range(self.n_batches):
             keys = []
             for _ in range(self.batch):
-                if pos // self.per_epoch != epoch:
-                    epoch = pos // self.per_epoch
+                item = pos // self.per_volume
+                if item // self.per_epoch != epoch:
+                    epoch = item // self.per_epoch
                     self.sampler.set_epoch(epoch)
                     order = list(self.sampler)
-                keys.append((order[pos % self.per_epoch], stream_seed(self.seed, pos, self.rank)))
+                keys.append((order[item % self.per_epoch], stream_seed(self.seed, pos, self.rank)))
                 pos += 1
             yield keys
 

@@ -842,12 +842,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def _libraryLogicClass():
-    from MiMSlicerLib.logic import MiMSlicerLogic as LibraryLogic
-    return LibraryLogic
+    from MiMSlicerLib.logic import MiMLogicCore
+    return MiMLogicCore
 
 
 class MiMSlicerLogic(ScriptedLoadableModuleLogic):
-    """The module's logic: the parameter node, plus everything MiMSlicerLib.logic.MiMSlicerLogic
+    """The module's logic: the parameter node, plus everything MiMSlicerLib.logic.MiMLogicCore
     does (model library, segment / preview / fine-tune tasks), which it delegates to.
     Can be used without the widget, e.g. from the Python console:
 
@@ -863,7 +863,7 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic):
 
     @property
     def library(self):
-        """MiMSlicerLib.logic.MiMSlicerLogic on the current scene (created on first use, so
+        """MiMSlicerLib.logic.MiMLogicCore on the current scene (created on first use, so
         that opening the module does not import torch)."""
         if self._library is None:
             self._library = _libraryLogicClass()(scene=slicer.mrmlScene)

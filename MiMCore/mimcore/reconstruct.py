@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 
 ROLES = ("hidden", "reconstruction", "original")
@@ -297,24 +298,9 @@ class ReconstructionResult:
 
 
 def default_output_dir(image) -> Path:
-    name = Path(str(image).rstrip("/\\")).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return Path.cwd() / f"mim_reconstruction_{name or 'volume'}"
+    from mimcore.data.volume_io import volume_stem
 
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MimError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MimError(f"Device {device!r} asked for, but no CUDA GPU is available to PyTorch here; use --device cpu.")
-    return dev
+    return Path.cwd() / f"mim_reconstruction_{volume_stem(image) or 'volume'}"
 
 
 def preview_level(out: dict, volume: torch.Tensor) -> tuple[LevelOutput, torch.Tensor]:
@@ -360,7 +346,7 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
     from mimcore.methods.mim import build_levels
     from mimcore.methods.registry import METHOD_NAMES, checkpoint_method, load_pretrain_checkpoint
 
-    dev = pick_device(device)
+    dev = resolve_device(device or "auto")
     model, meta = load_pretrain_checkpoint(Path(checkpoint))
     model.eval().to(dev)
     method, backbone = checkpoint_method(meta)

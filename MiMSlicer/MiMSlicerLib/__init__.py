@@ -15,7 +15,7 @@ Modules, one concept each:
 ``library``            the local model library and registries, read without torch
 ``preview``            ``mim reconstruct`` outputs -> volume nodes in subject-hierarchy folders
 ``tasks``              :class:`Task`: a user-level operation (jobs + building the result)
-``logic``              :class:`MiMSlicerLogic`: what the GUI calls
+``logic``              :class:`MiMLogicCore`: what the GUI calls
 ``dependencies``       installing torch / MONAI inside Slicer
 =====================  =================================================================
 

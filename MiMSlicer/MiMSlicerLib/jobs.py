@@ -7,6 +7,14 @@ The commands print one JSON object per line on stdout with ``--progress json``::
     {"event": "start" | "progress" | "validation" | "checkpoint" | "note" | "done" | "error", ...}
     {"event": "progress", "stage": "finetune", "step": 3, "total": 100, "eta_s": 41.2, "metrics": {...}}
 
+The protocol (every kind, its fields, its version) is defined, written and read by
+``mimcore.events``, which imports only the standard library; the lines are parsed with its
+``parse_event``. It is imported at the first line a job prints, not when this module is
+imported, so the GUI process loads no mimcore until it runs a job. mimcore ships inside the
+extension next to MiMSlicer.py (MiMSlicer/CMakeLists.txt), so Slicer's Python finds it; a
+development setup whose GUI Python lacks mimcore (its jobs then fail with "No module named
+mimcore", see :meth:`Job._error_message`) parses with a copy of the same few lines.
+
 Threads: two reader threads move stdout and stderr lines into a queue as they arrive
 (a pipe that nobody reads would block the child). Everything else - parsing, the
 ``on_event`` callbacks, clean-up - happens in :meth:`Job.poll`, i.e. on the thread that
@@ -24,6 +32,7 @@ loader workers and anything else it started go with it.
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import json
 import os
@@ -276,6 +285,21 @@ class Job:
 
 
 def _parse_event(line: str) -> dict | None:
+    """The progress event on one stdout line of the child, or None (``mimcore.events.parse_event``)."""
+    return _event_reader()(line)
+
+
+@functools.lru_cache(maxsize=None)
+def _event_reader() -> Callable[[str], dict | None]:
+    try:
+        from mimcore.events import parse_event  # torch-free: the standard library only
+    except ImportError:
+        return _parse_event_without_mimcore
+    return parse_event
+
+
+def _parse_event_without_mimcore(line: str) -> dict | None:
+    """``mimcore.events.parse_event``, for a Python that cannot import mimcore (module doc)."""
     text = line.strip()
     if not text.startswith("{"):
         return None

@@ -1,13 +1,15 @@
 """The local model library and model registries, as the GUI sees them (no torch import).
 
-The library is the folder ``mimcore`` uses (``mimcore.bundles.library``): ``$MIM_MODELS_DIR``
-if set, else ``platformdirs.user_data_dir("mimcore")/models``; one sub-folder per model,
-named after it, holding ``model.json`` and ``weights.safetensors``; hidden entries
-(``.cache``, ``.add-*``) are not models.
+The library is the folder ``mimcore`` uses: ``$MIM_MODELS_DIR`` if set, else
+``platformdirs.user_data_dir("mimcore")/models``; one sub-folder per model, named after it,
+holding ``model.json`` and ``weights.safetensors``; hidden entries (``.cache``, ``.add-*``)
+are not models. These rules (folder, environment variables, name pattern, slugs) are
+mimcore's own, from ``mimcore.bundles.layout`` (standard library only), imported on first
+use: importing this module loads no mimcore.
 
 Reading is done here, from ``model.json`` alone: listing models must be instant in the
-GUI, and ``mimcore.bundles`` imports torch (seconds, and GPU libraries in the GUI
-process). Adding a model (copy, verify sha256, maybe download) is ``mim models add`` in
+GUI, and the rest of ``mimcore.bundles`` needs the module's Python packages (safetensors,
+and torch to load weights). Adding a model (copy, verify sha256, maybe download) is ``mim models add`` in
 a child process, which owns the rules of the library.
 
 A model entry (:func:`read_model`) is a dict::
@@ -35,29 +37,37 @@ from pathlib import Path
 from MiMSlicerLib.errors import MiMSlicerError
 from MiMSlicerLib.jobs import Job, default_python
 
-ENV_LIBRARY = "MIM_MODELS_DIR"
-ENV_REGISTRY = "MIM_MODEL_REGISTRY"
-DESCRIPTION_FILE = "model.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")  # mimcore's rule for library names
+_RULES = ("ENV_LIBRARY", "ENV_REGISTRY", "DESCRIPTION_FILE", "NAME_PATTERN")
+
+
+def _layout():
+    """mimcore's library rules (``mimcore.bundles.layout``), imported on first use."""
+    from mimcore.bundles import layout
+
+    return layout
+
+
+def __getattr__(name: str):
+    """``ENV_LIBRARY``, ``ENV_REGISTRY``, ``DESCRIPTION_FILE``, ``NAME_PATTERN``: mimcore's own."""
+    if name in _RULES:
+        return getattr(_layout(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_library_dir() -> Path:
     """``$MIM_MODELS_DIR``, else the per-user data folder mimcore uses."""
-    if os.environ.get(ENV_LIBRARY):
-        return Path(os.environ[ENV_LIBRARY]).expanduser()
+    layout = _layout()
     try:
-        import platformdirs
+        return layout.library_dir()
     except ImportError:
         raise MiMSlicerError("The Python package 'platformdirs' (a mimcore requirement) is missing, so the default "
                              "model library folder is unknown: install the module's Python packages, or set "
-                             f"{ENV_LIBRARY} to a folder.") from None
-    return Path(platformdirs.user_data_dir("mimcore")) / "models"
+                             f"{layout.ENV_LIBRARY} to a folder.") from None
 
 
 def slugify(name: str) -> str:
     """A valid library name made from any text (mimcore's rule): ``"Liver (v2)"`` -> ``"Liver-v2"``."""
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(name)).strip("-.")[:100]
-    return slug or "model"
+    return _layout().slugify(name)
 
 
 def _description(text: str, where: str) -> dict:
@@ -86,22 +96,23 @@ def _entry(name: str, path: Path, desc: dict) -> dict:
 def read_model(path: str | os.PathLike, name: str | None = None) -> dict:
     """The entry of a bundle folder, its ``model.json`` or a ``.zip`` of it (see module doc).
     Raises MiMSlicerError if it is not a readable bundle description."""
+    model_json = _layout().DESCRIPTION_FILE
     path = Path(path).expanduser()
     if path.is_dir():
-        file = path / DESCRIPTION_FILE
+        file = path / model_json
         if not file.is_file():
-            raise MiMSlicerError(f"{path} is not a model bundle: it has no {DESCRIPTION_FILE}.")
+            raise MiMSlicerError(f"{path} is not a model bundle: it has no {model_json}.")
         return _entry(name or path.name, path, _description(file.read_text(encoding="utf-8"), str(file)))
-    if path.is_file() and path.name == DESCRIPTION_FILE:
+    if path.is_file() and path.name == model_json:
         return _entry(name or path.parent.name, path.parent, _description(path.read_text(encoding="utf-8"), str(path)))
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == DESCRIPTION_FILE]
+            members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == model_json]
             if not members:
-                raise MiMSlicerError(f"{path} is a zip without a {DESCRIPTION_FILE}: not a model bundle.")
+                raise MiMSlicerError(f"{path} is a zip without a {model_json}: not a model bundle.")
             text = zf.read(min(members, key=len)).decode("utf-8")
-        return _entry(name or path.stem, path, _description(text, f"{path}:{DESCRIPTION_FILE}"))
-    raise MiMSlicerError(f"No model bundle at {path}: expected a folder with {DESCRIPTION_FILE}, the file itself, "
+        return _entry(name or path.stem, path, _description(text, f"{path}:{model_json}"))
+    raise MiMSlicerError(f"No model bundle at {path}: expected a folder with {model_json}, the file itself, "
                          "or a .zip of the folder.")
 
 
@@ -130,7 +141,7 @@ def find_model(model, library: str | os.PathLike) -> dict:
     if not model:
         raise MiMSlicerError("No model selected: choose a model from the library, or add one.")
     text = str(model)
-    if NAME_PATTERN.match(text) and (library / text).is_dir():
+    if _layout().NAME_PATTERN.match(text) and (library / text).is_dir():
         entry = read_model(library / text)
     elif Path(text).expanduser().exists():
         entry = read_model(text)

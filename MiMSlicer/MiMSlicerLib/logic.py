@@ -1,4 +1,4 @@
-"""MiMSlicerLogic: what the MiMSlicer GUI calls (model library, Segment, Preview, Fine-tune).
+"""MiMLogicCore: what the MiMSlicer GUI calls (model library, Segment, Preview, Fine-tune).
 
 Every long operation returns a :class:`MiMSlicerLib.tasks.Task` at once: its inputs are
 written to files here (volume nodes with their world geometry, segmentations as label
@@ -8,7 +8,7 @@ builds the result in the scene. Nothing here imports torch or Qt.
 
 Example (Slicer's Python console)::
 
-    logic = MiMSlicerLogic()
+    logic = MiMLogicCore()
     task = logic.start_segment(getNode("CTChest"), logic.models()[0])
     while task.poll(): slicer.app.processEvents()
     segmentation = task.result
@@ -35,7 +35,7 @@ from MiMSlicerLib.volumes import check_scalar_volume, parent_to_world, write_vol
 DEFAULT_SCRATCH_PRESET = "tiny"  # fine-tuning from scratch (no init): a few local cases cannot train more
 
 
-class MiMSlicerLogic:
+class MiMLogicCore:
     """The module's logic, usable without the GUI.
 
     scene:      the MRML scene results go to (default ``slicer.mrmlScene``).

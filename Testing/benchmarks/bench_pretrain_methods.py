@@ -75,9 +75,9 @@ def build(config: str, device: str, seed: int, batch: int):
 
     if config == "four96":
         from mimcore.methods.mim import MiMPretrainModel
-        from mimcore.models.presets import get_preset
+        from mimcore.models.convvit import preset as convvit_preset
 
-        mcfg = get_preset("base")
+        mcfg = convvit_preset("base")
         model = MiMPretrainModel(mcfg).to(device)
         s = mcfg.input_size
         vol = torch.rand(4, 1, s, s, s, device=device)

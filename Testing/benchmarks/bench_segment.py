@@ -13,7 +13,7 @@ Cases (``--cases``):
 
 Models (``--models``; random weights, 14 output channels, seeded):
 
-- ``base`` / ``small``  ``MiMSegNet(get_preset(name), 14)`` saved as a real model bundle
+- ``base`` / ``small``  ``MiMSegNet(convvit.preset(name), 14)`` saved as a real model bundle
   (``save_bundle`` in a temporary folder), loaded back with ``load_bundle`` and run through our
   real inference path ``mimcore.inference.segment.Segmenter(bundle).segment(volume)``:
   preprocessing (MONAI Orientation / Spacing / ScaleIntensityRange), slab-by-slab sliding window
@@ -35,8 +35,8 @@ RSS belongs to that measurement alone):
 - ``sw s``     the network part: sliding window + network + blending + argmax to a label map
   (ours: ``WindowSegmenter.__call__`` over all slabs; swin: ``sliding_window_inference`` + argmax);
 - ``post s``   labels back onto the input grid (SimpleITK nearest neighbour);
-- ``e2e s``    all of it: ours is one ``Segmenter.segment(volume)`` call (the parts are measured by
-  wrapping the functions it calls); swin is prep + sw + post;
+- ``e2e s``    all of it: ours is one ``Segmenter.segment(volume)`` call (the parts are measured
+  through its ``timer`` hook, the network through its ``forward`` hook); swin is prep + sw + post;
 - ``net s``    the network forwards alone (inside ``sw s``), ``windows`` the number of windows the
   network saw (ours counts the slabs' context too), ``s/win`` = ``sw s / windows``.
 
@@ -76,6 +76,10 @@ Targets (PASS/FAIL lines, not assertions): ``base`` faster than SwinUNETR on the
 (``sw s``); peak RSS for the 512 x 512 x 400 volume under 6 GB (6e9 bytes) on the CPU (our models);
 on a GPU, ``base`` under 4 GB (4e9 bytes) of ``max_memory_allocated`` with mixed precision.
 
+Modules (next to this script, which is the command line): ``segment_cases`` (the volumes),
+``segment_measure`` (memory, the network probe, progress, the time guard), ``segment_runs`` (one
+measurement in a child process), ``segment_report`` (plan, tables, ratios, targets).
+
 Examples::
 
     python Testing/benchmarks/bench_segment.py                              # everything, CPU, guarded
@@ -89,395 +93,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import sys
-import tempfile
 import time
 
-from bench_common import RESULT_TAG, machine_info, spawn_child, sync
+from bench_common import RESULT_TAG, machine_info, spawn_child
+from segment_cases import BIG_SHAPE, BIG_SPACING, N_CLASSES, PREP, ras_shape
+from segment_report import CPU_PRIOR_S_PER_WINDOW, plan, ratios, results_table, table, targets
+from segment_runs import run_child
 
-N_CLASSES = 14
-PREP = {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "hu_min": -175, "hu_max": 250}
-BIG_SHAPE = (512, 512, 400)
-BIG_SPACING = (0.8, 0.8, 1.5)
-ROI = {"base": 96, "small": 64, "swin": 96}
-# rough seconds per window on this project's 2-core CPU (fp32, sw-batch 2, shared machine): for the
-# estimate printed before starting only; the children measure their own
-CPU_PRIOR_S_PER_WINDOW = {"base": 12.0, "small": 2.7, "swin": 18.0}
-CPU_LIMIT_BYTES = 6e9
-GPU_LIMIT_BYTES = 4e9
-MIB = 2**20
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _status_kib(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def big_volume():
-    """The synthetic 512 x 512 x 400 CT (float32 HU, 0.8 x 0.8 x 1.5 mm, LPS-stored), slice by slice."""
-    import numpy as np
-
-    from mimcore.data.volume_io import Volume
-
-    nx, ny, nz = BIG_SHAPE
-    sx, sy, sz = BIG_SPACING
-    arr = np.empty(BIG_SHAPE, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    x = ((np.arange(nx, dtype=np.float32) - nx / 2) * sx)[:, None]  # mm from the centre
-    y = ((np.arange(ny, dtype=np.float32) - ny / 2) * sy)[None, :]
-    body = (x / 170) ** 2 + (y / 120) ** 2 <= 1
-    spine = (x / 18) ** 2 + ((y - 75) / 18) ** 2 <= 1
-    for k in range(nz):
-        z = k * sz  # mm from the bottom slice; lungs in the upper half, liver below them
-        s = np.full((nx, ny), -1000.0, dtype=np.float32)
-        s[body] = 40.0
-        for cx in (-75.0, 75.0):
-            f = 1 - ((z - 430) / 150) ** 2
-            if f > 0:
-                s[((x - cx) / (60 * math.sqrt(f))) ** 2 + ((y + 5) / (80 * math.sqrt(f))) ** 2 <= 1] = -850.0
-        f = 1 - ((z - 230) / 90) ** 2
-        if f > 0:
-            s[((x + 60) / (95 * math.sqrt(f))) ** 2 + ((y + 10) / (75 * math.sqrt(f))) ** 2 <= 1] = 60.0
-        s[spine] = 700.0
-        s += rng.standard_normal((nx, ny), dtype=np.float32) * 20.0
-        arr[:, :, k] = s
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [nx / 2 * sx, ny / 2 * sy, -300.0]
-    return Volume(arr, affine, source="synthetic 512x512x400 CT")
-
-
-def load_case(case: str, sample_path: str | None):
-    if case == "big":
-        return big_volume()
-    from mimcore.data.volume_io import load_volume
-
-    return load_volume(sample_path)
-
-
-def make_probe(net, device):
-    """Wrap a network: time every forward; in a memory-only run return zeros (of the real output's
-    shape and dtype) once ``real_left`` real calls are spent."""
-    import torch
-
-    class Probe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net  # a submodule: parameters(), .to() reach the real network
-            self.real_left = None  # None: always real
-            self.out_dtype = self.out_channels = None
-            self.reset_stats()
-
-        def reset_stats(self):
-            self.times, self.windows_real, self.windows_stub = [], 0, 0
-
-        def forward(self, x):
-            if self.real_left is None or self.real_left > 0 or self.out_dtype is None:
-                if self.real_left is not None:
-                    self.real_left -= 1
-                sync(device)
-                t0 = time.perf_counter()
-                y = self.net(x)
-                sync(device)
-                self.times.append(time.perf_counter() - t0)
-                self.windows_real += x.shape[0]
-                self.out_dtype, self.out_channels = y.dtype, y.shape[1]
-                return y
-            self.windows_stub += x.shape[0]
-            return torch.zeros((x.shape[0], self.out_channels) + tuple(x.shape[2:]), dtype=self.out_dtype,
-                               device=x.device)
-
-    return Probe()
-
-
-# ----------------------------------------------------------------------------- child mode
-
-class _Progress:
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done, self.t0, self.next = label, max(1, total), 0, time.perf_counter(), 0.1
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.done / self.total >= self.next or self.done == self.total:
-            el = time.perf_counter() - self.t0
-            eta = el / self.done * max(0, self.total - self.done)
-            print(f"[{self.label}] {self.done}/{self.total} windows, {el:.0f} s, ~{eta:.0f} s left",
-                  file=sys.stderr, flush=True)
-            while self.done / self.total >= self.next:
-                self.next += 0.1
-
-
-def _mem_before_run(device) -> dict:
-    import torch
-
-    out = {"setup_peak_rss_mib": _maxrss_mib(), "rss_before_mib": (_status_kib("VmRSS") or 0) / 1024}
-    out["hwm_reset"] = _reset_peak_rss()
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    return out
-
-
-def _mem_after_run(device, before: dict) -> dict:
-    import torch
-
-    out = dict(before)
-    if before["hwm_reset"]:
-        out["inference_peak_rss_mib"] = _status_kib("VmHWM") / 1024
-        out["peak_rss_mib"] = max(before["setup_peak_rss_mib"], out["inference_peak_rss_mib"])
-    else:  # no reset possible: the whole process's peak only
-        out["inference_peak_rss_mib"] = None
-        out["peak_rss_mib"] = max(before["setup_peak_rss_mib"], _maxrss_mib())
-    if str(device).startswith("cuda"):
-        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
-        out["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
-    return out
-
-
-def _decide_mode(label: str, windows: int, warm_s_per_window: float, args) -> tuple[str, float]:
-    est = windows * warm_s_per_window
-    memory_only = args.memory_only or (args.max_minutes > 0 and est > args.max_minutes * 60)
-    why = ("--memory-only" if args.memory_only else f"over --max-minutes {args.max_minutes:g}") if memory_only else ""
-    print(f"[{label}] {windows} windows x {warm_s_per_window:.2f} s/window (warm-up) ~ {est / 60:.1f} min"
-          + (f" -> memory-only run ({why})" if memory_only else " -> full run"), file=sys.stderr, flush=True)
-    return ("memory-only" if memory_only else "full"), est
-
-
-def run_ours(preset: str, case: str, device, args) -> dict:
-    import torch
-
-    import mimcore.inference.segment as segmod
-    from mimcore.bundles.bundle import load_bundle, save_bundle
-    from mimcore.models.presets import get_preset
-    from mimcore.models.segnet import MiMSegNet, architecture_dict
-
-    label = f"{preset}@{case}"
-    vol = load_case(case, args.sample_path)
-    tmp = tempfile.TemporaryDirectory(prefix="bench_segment_")
-    torch.manual_seed(args.seed)
-    net = MiMSegNet(get_preset(preset), N_CLASSES)
-    n_params = sum(p.numel() for p in net.parameters())
-    desc = {
-        "name": f"bench-{preset}",
-        "architecture": architecture_dict(net, preset),
-        "labels": [{"value": i, "name": f"c{i}", "color": [i, 0, 0]} for i in range(1, N_CLASSES)],
-        "preprocessing": dict(PREP),
-        "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch},
-        "training": {},
-    }
-    path = save_bundle(os.path.join(tmp.name, "bundle"), net.state_dict(), desc)
-    del net
-    bundle = load_bundle(path)
-
-    warnings: list[str] = []
-    counter = {"n": 0, "progress": None}
-
-    def windows_cb(n):
-        counter["n"] += n
-        if counter["progress"] is not None:
-            counter["progress"](n)
-
-    seg = segmod.Segmenter(bundle, device=str(device), precision=args.precision,
-                           events=lambda ev, **f: warnings.append(f"{ev}: {f.get('message')}"), windows=windows_cb)
-    win = seg.window
-    roi = win.roi
-    windows_planned = seg.total_windows(vol)
-    probe = make_probe(win.net, seg.device)
-    win.net = probe
-
-    # warm-up: one batch through the real per-window function (autocast, softmax)
-    t0 = time.perf_counter()
-    win._predict(torch.zeros(args.sw_batch, 1, roi, roi, roi))
-    sync(seg.device)
-    warmup_s = time.perf_counter() - t0
-    mode, est = _decide_mode(label, windows_planned, warmup_s / args.sw_batch, args)
-    probe.reset_stats()
-    counter["n"] = 0
-    if mode == "memory-only":
-        run_slab = win._run_slab
-
-        def run_slab_limited(slab):
-            probe.real_left = args.memory_only_batches
-            return run_slab(slab)
-
-        win._run_slab = run_slab_limited
-
-    # time the parts of Segmenter.segment by wrapping what it calls
-    parts = {"prep_s": 0.0, "sw_s": 0.0, "post_s": 0.0}
-    shapes = {}
-
-    def timed(key, fn):
-        def inner(*a, **k):
-            t = time.perf_counter()
-            r = fn(*a, **k)
-            sync(seg.device)
-            parts[key] += time.perf_counter() - t
-            if key == "prep_s":
-                shapes["model_space"] = list(r.shape[1:])
-            return r
-
-        return inner
-
-    segmod.preprocess = timed("prep_s", segmod.preprocess)
-    segmod.labels_to_grid = timed("post_s", segmod.labels_to_grid)
-    seg.window = timed("sw_s", win)
-    counter["progress"] = _Progress(label, windows_planned)
-
-    mem0 = _mem_before_run(seg.device)
-    t0 = time.perf_counter()
-    labels = seg.segment(vol)
-    sync(seg.device)
-    e2e = time.perf_counter() - t0
-    mem = _mem_after_run(seg.device, mem0)
-    if labels.shape != vol.shape:  # the path's own contract; reported as an error row, not a target
-        raise RuntimeError(f"labels {labels.shape} do not match the input {vol.shape}")
-    tmp.cleanup()
-    slabs = win.slabs(tuple(shapes["model_space"]), N_CLASSES)
-    return _result(label, preset, case, str(seg.device), mode, roi, n_params, warmup_s, est, e2e, parts,
-                   probe, counter["n"], windows_planned, mem, vol, shapes, warnings,
-                   {"slab_axis": slabs[0], "slab_cores": slabs[1],
-                    "amp": str(win.amp_dtype).replace("torch.", "") if win.amp_dtype else "fp32"})
-
-
-def _ras_shape(vol):
-    import numpy as np
-
-    from mimcore.inference.segment import ras_order
-
-    shape, spacing = ras_order(vol, vol.shape), ras_order(vol, vol.spacing)
-    return np.array([max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, PREP["spacing"])])
-
-
-def run_swin(case: str, device, args) -> dict:
-    import numpy as np
-    import torch
-    from monai.inferers import sliding_window_inference
-    from monai.networks.nets import SwinUNETR
-
-    from mimcore.devices import resolve_device
-    from mimcore.data.regrid import labels_to_grid
-    from mimcore.inference.segment import preprocess
-    from mimcore.inference.window import count_windows
-
-    label = f"swin@{case}"
-    dev = resolve_device(str(device))
-    vol = load_case(case, args.sample_path)
-    torch.manual_seed(args.seed)
-    net = SwinUNETR(in_channels=1, out_channels=N_CLASSES, feature_size=48).eval().to(dev)
-    n_params = sum(p.numel() for p in net.parameters())
-    amp = None
-    if dev.type == "cuda" and args.precision != "fp32":  # what Segmenter picks
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    probe = make_probe(net, dev)
-    roi = ROI["swin"]
-    progress = {"cb": None}
-
-    @torch.no_grad()
-    def predictor(x):
-        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-            y = probe(x)
-        if progress["cb"] is not None:
-            progress["cb"](x.shape[0])
-        return y
-
-    t0 = time.perf_counter()
-    predictor(torch.zeros(args.sw_batch, 1, roi, roi, roi, device=dev))
-    sync(dev)
-    warmup_s = time.perf_counter() - t0
-    windows_planned = count_windows(tuple(int(n) for n in _ras_shape(vol)), roi, args.overlap)
-    mode, est = _decide_mode(label, windows_planned, warmup_s / args.sw_batch, args)
-    probe.reset_stats()
-    if mode == "memory-only":
-        probe.real_left = args.memory_only_batches
-    progress["cb"] = _Progress(label, windows_planned)
-
-    parts = {"prep_s": 0.0, "sw_s": 0.0, "post_s": 0.0}
-    mem0 = _mem_before_run(dev)
-    t0 = time.perf_counter()
-    img = preprocess(vol, PREP)
-    parts["prep_s"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        out = sliding_window_inference(img.as_tensor()[None], (roi,) * 3, args.sw_batch, predictor,
-                                       overlap=args.overlap, mode="gaussian", sw_device=dev,
-                                       device=torch.device("cpu"))
-        labels = out[0].argmax(0).numpy().astype(np.uint8)
-        del out
-    sync(dev)
-    parts["sw_s"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    grid = labels_to_grid(labels, np.asarray(img.affine, dtype=np.float64), vol)
-    parts["post_s"] = time.perf_counter() - t2
-    e2e = time.perf_counter() - t0
-    mem = _mem_after_run(dev, mem0)
-    if grid.shape != vol.shape:
-        raise RuntimeError(f"labels {grid.shape} do not match the input {vol.shape}")
-    shapes = {"model_space": list(img.shape[1:])}
-    return _result(label, "swin", case, str(dev), mode, roi, n_params, warmup_s, est, e2e, parts, probe,
-                   probe.windows_real + probe.windows_stub, windows_planned, mem, vol, shapes, [],
-                   {"amp": str(amp).replace("torch.", "") if amp else "fp32"})
-
-
-def _result(label, model, case, device, mode, roi, n_params, warmup_s, est, e2e, parts, probe, windows,
-            windows_planned, mem, vol, shapes, warnings, extra) -> dict:
-    import torch
-
-    net_s = sum(probe.times)
-    per_window_net = net_s / max(1, probe.windows_real)
-    skipped = probe.windows_stub * per_window_net  # memory-only: network time not spent
-    res = {
-        "label": label, "model": model, "case": case, "device": device, "mode": mode, "roi": roi,
-        "threads": torch.get_num_threads(), "params_m": n_params / 1e6,
-        "input_shape": list(vol.shape), "input_spacing": [float(s) for s in vol.spacing], **shapes,
-        "windows": windows, "windows_planned": windows_planned,
-        "windows_real": probe.windows_real, "windows_stubbed": probe.windows_stub,
-        "warmup_s": warmup_s, "estimate_from_warmup_s": est,
-        "prep_s": parts["prep_s"], "sw_s": parts["sw_s"] + skipped, "post_s": parts["post_s"],
-        "e2e_s": e2e + skipped, "net_s": net_s + skipped, "net_s_per_window": per_window_net,
-        "measured_e2e_s": e2e, "measured_sw_s": parts["sw_s"], "estimated": probe.windows_stub > 0,
-        **mem, "warnings": warnings, **extra, "load_average_end": os.getloadavg(),
-    }
-    res["s_per_window"] = res["sw_s"] / max(1, windows)
-    return res
-
-
-def run_child(spec: str, args) -> dict:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, case = spec.split("@")
-    t0 = time.perf_counter()
-    res = run_swin(case, args.device, args) if model == "swin" else run_ours(model, case, args.device, args)
-    res["child_wall_s"] = time.perf_counter() - t0
-    return res
-
-
-# ----------------------------------------------------------------------------- parent mode
 
 def spawn(spec: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", spec, "--device", args.device,
@@ -491,109 +115,6 @@ def spawn(spec: str, args) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return spawn_child(cmd, {"label": spec}, args.child_timeout)
-
-
-def _table(head: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def _results_table(results: list[dict], cuda: bool) -> str:
-    head = ["measurement", "mode", "model-space shape", "roi", "windows", "prep s", "sw s", "post s", "e2e s",
-            "net s", "s/win", "peak RSS MiB", "inf. RSS MiB", "base RSS MiB"]
-    if cuda:
-        head += ["CUDA alloc MiB", "CUDA resv MiB"]
-    head.append("wall s")
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append([r["label"], "ERROR: " + r["error"]] + [""] * (len(head) - 3) + [f"{r['process_wall_s']:.0f}"])
-            continue
-        t = "~" if r["estimated"] else ""
-        inf = r["inference_peak_rss_mib"]
-        row = [r["label"], r["mode"], "x".join(str(n) for n in r.get("model_space", [])), r["roi"], r["windows"],
-               f"{r['prep_s']:.1f}", f"{t}{r['sw_s']:.1f}", f"{r['post_s']:.1f}", f"{t}{r['e2e_s']:.1f}",
-               f"{t}{r['net_s']:.1f}", f"{r['s_per_window']:.2f}", f"{r['peak_rss_mib']:.0f}",
-               "?" if inf is None else f"{inf:.0f}", f"{r['rss_before_mib']:.0f}"]
-        if cuda:
-            row += [f"{r.get('cuda_peak_allocated_mib', 0):.0f}", f"{r.get('cuda_peak_reserved_mib', 0):.0f}"]
-        row.append(f"{r['process_wall_s']:.0f}")
-        rows.append(row)
-    return _table(head, rows)
-
-
-def _plan(args, sample_shape) -> list[list]:
-    """Rows of the pre-run estimate."""
-    import torch
-
-    from mimcore.inference.window import WindowSegmenter, count_windows
-
-    rows = []
-    for case in args.cases:
-        if case == "big":
-            shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(BIG_SHAPE, BIG_SPACING, PREP["spacing"]))
-        else:
-            shape = sample_shape
-        for model in args.models:
-            roi = ROI[model]
-            if model == "swin":
-                n = count_windows(shape, roi, args.overlap)
-                note = "one pass"
-            else:
-                w = WindowSegmenter(torch.nn.Identity(), roi, torch.device("cpu"), args.overlap, args.sw_batch)
-                n = w.total_windows(shape, N_CLASSES)
-                note = f"{len(w.slabs(shape, N_CLASSES)[1])} slab(s)"
-            if args.device == "cpu":
-                prior = CPU_PRIOR_S_PER_WINDOW[model]
-                est = n * prior / 60
-                guard = args.memory_only or (args.max_minutes > 0 and est > args.max_minutes)
-                if guard:  # warm-up + the real batches (per slab for ours), plus ~1 min of the rest
-                    slabs = 1 if model == "swin" else len(w.slabs(shape, N_CLASSES)[1])
-                    est = (1 + slabs * args.memory_only_batches) * args.sw_batch * prior / 60 + 1
-                rows.append([f"{model}@{case}", "x".join(map(str, shape)), roi, n, note, f"~{est:.0f}",
-                             f"memory-only (full ~{n * prior / 60:.0f} min)" if guard else "full"])
-            else:
-                rows.append([f"{model}@{case}", "x".join(map(str, shape)), roi, n, note, "?",
-                             "memory-only" if args.memory_only else "full (guard checked in the child)"])
-    return rows
-
-
-def _targets(by: dict, args, cuda: bool) -> list[tuple[str, str, str]]:
-    """[(PASS|FAIL|SKIP, target, detail)]."""
-    out = []
-    name = "base faster than SwinUNETR on the 1.5 mm sample CT (sw s: network + sliding window)"
-    b, s = by.get("base@sample"), by.get("swin@sample")
-    if b and s:
-        est = " (estimated: memory-only run)" if b["estimated"] or s["estimated"] else ""
-        out.append(("PASS" if b["sw_s"] < s["sw_s"] else "FAIL", name,
-                    f"base {b['sw_s']:.1f} s vs SwinUNETR {s['sw_s']:.1f} s, base/swin {b['sw_s'] / s['sw_s']:.2f}{est}"))
-    else:
-        out.append(("SKIP", name, "needs --cases sample and --models base swin"))
-    name = f"peak memory for the 512x512x400 volume under 6 GB ({CPU_LIMIT_BYTES / MIB:.0f} MiB) on the CPU"
-    ours = [by[f"{m}@big"] for m in ("base", "small") if f"{m}@big" in by]
-    if args.device != "cpu":
-        out.append(("SKIP", name, f"device is {args.device}"))
-    elif not ours:
-        out.append(("SKIP", name, "needs --cases big and --models base and/or small"))
-    for r in ours if args.device == "cpu" else []:
-        note = " (memory-only run)" if r["mode"] == "memory-only" else ""
-        out.append(("PASS" if r["peak_rss_mib"] * MIB < CPU_LIMIT_BYTES else "FAIL", f"{name}: {r['model']}",
-                    f"peak RSS {r['peak_rss_mib']:.0f} MiB = {r['peak_rss_mib'] * MIB / 1e9:.2f} GB{note}"))
-    name = f"GPU: base inference under 4 GB ({GPU_LIMIT_BYTES / MIB:.0f} MiB) device memory with mixed precision"
-    base_runs = [by[k] for k in ("base@sample", "base@big") if k in by]
-    if not cuda:
-        out.append(("SKIP", name, "no CUDA run (--device cuda)"))
-    elif args.precision == "fp32":
-        out.append(("SKIP", name, "--precision fp32 (mixed precision is --precision auto)"))
-    elif not base_runs:
-        out.append(("SKIP", name, "needs --models base"))
-    for r in base_runs if cuda and args.precision != "fp32" else []:
-        a = r["cuda_peak_allocated_mib"]
-        out.append(("PASS" if a * MIB < GPU_LIMIT_BYTES else "FAIL", f"{name}: {r['case']}",
-                    f"max_memory_allocated {a:.0f} MiB ({a * MIB / 1e9:.2f} GB), reserved "
-                    f"{r['cuda_peak_reserved_mib']:.0f} MiB, {r['amp']}"))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -662,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.sample_path = str(datalist_entries(fetch_samples(quiet=True), "held_out")[0]["image"])
         v = load_volume(args.sample_path)
-        sample_shape = tuple(int(n) for n in _ras_shape(v))
+        sample_shape = tuple(int(n) for n in ras_shape(v))
         sample_desc = f"{'x'.join(map(str, v.shape))} at {'x'.join(f'{s:g}' for s in np.round(v.spacing, 3))} mm"
         del v
 
@@ -686,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     guard = "off" if args.max_minutes <= 0 else f"{args.max_minutes:g} min per measurement"
     print(f"  time guard: {'memory-only for all' if args.memory_only else guard}")
 
-    plan = _plan(args, sample_shape)
+    plan_rows = plan(args, sample_shape)
     print()
     print("== plan (estimate from rough CPU priors of "
           + ", ".join(f"{m} {CPU_PRIOR_S_PER_WINDOW[m]:g}" for m in args.models)
           + " s/window; each child re-estimates after its warm-up)" if args.device == "cpu" else "== plan")
-    print(_table(["measurement", "model-space shape", "roi", "windows", "ours: slabs", "est. min", "run"], plan))
+    print(table(["measurement", "model-space shape", "roi", "windows", "ours: slabs", "est. min", "run"], plan_rows))
     if args.device == "cpu":
-        total = sum(float(row[5].lstrip("~")) for row in plan)
+        total = sum(float(row[5].lstrip("~")) for row in plan_rows)
         print(f"  rough total: ~{total:.0f} min (plus model building and volume loading)", flush=True)
 
     results = []
@@ -710,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== results (s; ~ = estimated from a memory-only run; sw = network + sliding window + argmax; "
           "e2e = prep + sw + post; peak RSS = whole child process, inf. RSS = during the segmentation, "
           "base RSS = resident before it)")
-    print(_results_table(results, cuda))
+    print(results_table(results, cuda))
     print(f"load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}"
           + ("  (other processes share these cores: timings are noisy)" if not cuda else ""))
     for r in results:
@@ -718,40 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['label']}: {w}")
 
     by = {r["label"]: r for r in results if "error" not in r}
-    ratios: dict[str, float] = {}
-    print()
-    print("== base / SwinUNETR (same 96^3 window, overlap, window batch, device)")
-    rows = []
-    for case in args.cases:
-        b, s = by.get(f"base@{case}"), by.get(f"swin@{case}")
-        if not (b and s):
-            continue
-        row = [case]
-        for key, name in (("sw_s", "sw s"), ("e2e_s", "e2e s"), ("net_s", "net s"), ("s_per_window", "s/win"),
-                          ("windows", "windows"), ("peak_rss_mib", "peak RSS"),
-                          ("inference_peak_rss_mib", "inf. RSS"), ("cuda_peak_allocated_mib", "CUDA alloc")):
-            if b.get(key) is None or s.get(key) is None or not s[key]:
-                continue
-            x = b[key] / s[key]
-            ratios[f"base_over_swin_{case}_{key}"] = x
-            row.append(f"{name} {x:.2f}")
-        if b["estimated"] or s["estimated"]:
-            row.append("(times estimated)")
-        rows.append(row)
-        print("  " + ", ".join(row))
-    if not rows:
-        print("  (needs --models base swin)")
-    for case in args.cases:
-        b, s = by.get(f"base@{case}"), by.get(f"small@{case}")
-        if b and s:
-            x = s["sw_s"] / b["sw_s"]
-            ratios[f"small_over_base_{case}_sw_s"] = x
-            print(f"  small/base on {case}: sw s {x:.2f} ({s['windows']} windows of 64^3 vs {b['windows']} of 96^3)")
+    ratio_values = ratios(by, args.cases)
 
-    targets = _targets(by, args, cuda)
+    verdicts = targets(by, args, cuda)
     print()
     print("== targets")
-    for verdict, name, detail in targets:
+    for verdict, name, detail in verdicts:
         print(f"  [{verdict}] {name}: {detail}")
     print(f"total wall time: {total_wall:.0f} s")
 
@@ -759,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "device": args.device, "precision": prec, "overlap": args.overlap,
                        "sw_batch": args.sw_batch, "load_average_start": load0, "load_average_end": load1,
-                       "results": results, "ratios": ratios,
-                       "targets": [{"verdict": v, "target": n, "detail": d} for v, n, d in targets],
+                       "results": results, "ratios": ratio_values,
+                       "targets": [{"verdict": v, "target": n, "detail": d} for v, n, d in verdicts],
                        "total_wall_s": total_wall}, f, indent=2)
         print(f"wrote {args.json}")
     return 0 if all("error" not in r for r in results) else 1

@@ -508,11 +508,11 @@ def test_monai_export_parses_and_runs(tmp_path):
     from monai.data import decollate_batch, list_data_collate
 
     from mimcore.bundles.monai_export import export_monai_bundle
-    from mimcore.models.presets import get_preset
-    from mimcore.models.segnet import MiMSegNet, architecture_dict
+    from mimcore.models.convvit import preset as convvit_preset
+    from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 
     torch.manual_seed(0)
-    model = MiMSegNet(get_preset("tiny"), out_channels=3).eval()
+    model = MiMSegNet(convvit_preset("tiny"), out_channels=3).eval()
     desc = dict(description(), architecture=architecture_dict(model, "tiny"))
     desc["labels"][1]["value"] = 5  # non-consecutive values are mapped from channels
     bundle = load_bundle(save_bundle(tmp_path / "model", model.state_dict(), desc))

@@ -152,10 +152,11 @@ def test_clear_errors(tmp_path, cases, capsys):
 
 def test_init_from_a_pretraining_run_takes_its_size(tmp_path, cases, capsys):
     from mimcore.methods.mim import MiMPretrainModel
-    from mimcore.models.presets import MiMConfig, get_preset
+    from mimcore.methods.mim import MiMConfig
+    from mimcore.models.convvit import preset as convvit_preset
     from mimcore.training.checkpoint import save_checkpoint
 
-    tiny = get_preset("tiny")
+    tiny = convvit_preset("tiny")
     save_checkpoint(tmp_path / "pre", 1, MiMPretrainModel(tiny, MiMConfig()), {"preset": "tiny", "model": tiny.to_dict()})
     rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
                "--label-names", "1:liver,2:spleen", "--init", str(tmp_path / "pre"), "--steps", "1",

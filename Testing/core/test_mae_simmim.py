@@ -13,8 +13,9 @@ from mimcore.methods.losses import masked_mse
 from mimcore.methods.mae import MAEConfig, MAEPretrainModel, mae_config
 from mimcore.methods.masking import patchify
 from mimcore.methods.simmim import SimMIMPretrainModel
-from mimcore.models.presets import get_preset
-from mimcore.models.vit import ViTConfig, ViTEncoder, get_vit_preset
+from mimcore.models.convvit import preset as convvit_preset
+from mimcore.models.vit import ViTConfig, ViTEncoder
+from mimcore.models.vit import preset as vit_preset
 
 BACKBONES = ("vit", "convvit")
 
@@ -234,7 +235,7 @@ def test_preview_shows_the_original_on_visible_voxels():
 # ------------------------------------------------------------------------ the published sizes
 
 def test_base_sizes_are_the_published_ones():
-    vit = get_vit_preset("base")
+    vit = vit_preset("base")
     assert (vit.input_size, vit.patch_size, vit.hidden_size, vit.num_layers, vit.num_heads, vit.mlp_dim) == \
         (96, 16, 768, 12, 12, 3072) and vit.grid**3 == 216
     assert mae_config("base") == MAEConfig(0.75, 512, 8, 8, 4.0)
@@ -245,9 +246,9 @@ def test_base_sizes_are_the_published_ones():
     assert len(dec.blocks) == 8 and all(b.attn.num_heads == 8 for b in dec.blocks)
     assert dec.pred.out_features == 4096 and dec.mask_token.shape == (1, 1, 512)
     for preset in ("small", "tiny"):  # CPU sizes keep the structure
-        v = get_vit_preset(preset)
+        v = vit_preset(preset)
         assert v.patch_size == 16 and v.num_layers == 12 and v.hidden_size % v.num_heads == 0
-        assert v.input_size == get_preset(preset).input_size
+        assert v.input_size == convvit_preset(preset).input_size
 
 
 def test_vit_encoder_is_monai_vit_and_the_fused_attention_changes_nothing():
@@ -268,11 +269,11 @@ def test_vit_encoder_is_monai_vit_and_the_fused_attention_changes_nothing():
 
 
 def test_convvit_backbone_is_miM_s_encoder():
-    enc = ConvViTEncoder(get_preset("tiny"))
+    enc = ConvViTEncoder(convvit_preset("tiny"))
     assert enc.dim == 48 and enc.mask_token_dim == 6
     from mimcore.models.convvit import ConvViT3D
 
-    assert set(enc.state_dict()) == set(ConvViT3D(get_preset("tiny")).state_dict())
+    assert set(enc.state_dict()) == set(ConvViT3D(convvit_preset("tiny")).state_dict())
 
 
 def test_pretraining_puts_no_weight_decay_on_embeddings_and_mask_tokens():

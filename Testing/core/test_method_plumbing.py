@@ -119,8 +119,8 @@ def test_mae_resumes_exactly_and_refuses_another_method(tmp_path, ct_folder, cap
 # ------------------------------------------------------------------------ fine-tuning init
 
 def test_each_backbone_initialises_its_segmentation_network(tmp_path):
-    from mimcore.models import segnets
-    from mimcore.models.encoder_init import init_from_pretrain
+    from mimcore.models import segnet
+    from mimcore.training.encoder_init import init_from_pretrain
     from mimcore.training.finetune_init import new_architecture, param_groups
 
     cases = [("mae", "vit", "unetr", "vit.", "encoder."), ("simmim", "convvit", "mim-seg", "encoder.", "encoder."),
@@ -128,8 +128,8 @@ def test_each_backbone_initialises_its_segmentation_network(tmp_path):
     for method, backbone, kind, net_prefix, pre_prefix in cases:
         run, pre = saved_run(tmp_path, method, backbone)
         arch = new_architecture(registry.resolve_backbone(method, backbone), "tiny", 3)
-        net = segnets.build(arch)
-        assert segnets.kind_of(net) == kind == arch["kind"] and segnets.out_channels(net) == 3
+        net = segnet.build(arch)
+        assert segnet.kind_of(net) == kind == arch["kind"] and segnet.out_channels(net) == 3
         report = init_from_pretrain(net, run)
         encoder_names = [k for k in net.state_dict() if k.startswith(net_prefix)]
         assert sorted(report.loaded) == sorted(encoder_names), kind
@@ -137,13 +137,13 @@ def test_each_backbone_initialises_its_segmentation_network(tmp_path):
         ref = pre.state_dict()
         for k in encoder_names:
             torch.testing.assert_close(net.state_dict()[k], ref[pre_prefix + k[len(net_prefix):]], rtol=0, atol=0)
-        size = segnets.input_size(net)
+        size = segnet.input_size(net)
         assert net.eval()(torch.rand(1, 1, size, size, size)).shape == (1, 3, size, size, size)
     # a ViT checkpoint does not go into the MiM network, and the other way round
     vit_run, _ = saved_run(tmp_path, "mae", "vit", "again")
     with pytest.raises(MimError, match="fine-tunes as a 'unetr' network"):
-        init_from_pretrain(segnets.build({"kind": "mim-seg", "preset": "tiny", "out_channels": 3}), vit_run)
-    unetr = segnets.build(new_architecture("vit", "tiny", 3))
+        init_from_pretrain(segnet.build({"kind": "mim-seg", "preset": "tiny", "out_channels": 3}), vit_run)
+    unetr = segnet.build(new_architecture("vit", "tiny", 3))
     with pytest.raises(MimError, match="--layer-decay is implemented for the MiM network only"):
         param_groups(unetr, 1e-3, 0.05, 0.75)
     groups = param_groups(unetr, 1e-3, 0.05)

@@ -16,9 +16,10 @@ from torch import nn
 
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel, build_levels
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
 
-MC = get_preset("tiny")
+MC = convvit_preset("tiny")
 B, L, D = 2, MC.grid**3, MC.decoder_dim
 MONITORS = {"cos12_match", "cos12_mismatch", "cos23_match", "cos23_mismatch"}
 CE_MONITORS = MONITORS | {"acc12", "acc23", "acc12_chance", "acc23_chance"}

@@ -20,7 +20,8 @@ from mimcore.models.convvit import ConvViT3D
 from mimcore.models.decoder import MaskedDecoder
 from mimcore.models.layers import ConvBlock
 from mimcore.models.posembed import sincos_3d
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
 
 # --------------------------------------------------------------------------- position embedding
 
@@ -74,16 +75,17 @@ def test_sincos_2x2x2_by_hand():
 
 
 def test_models_use_the_published_embedding():
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     torch.testing.assert_close(ConvViT3D(mc).pos_embed, sincos_3d(mc.grid, mc.dims[3]))
     torch.testing.assert_close(MaskedDecoder(mc).pos_embed, sincos_3d(mc.grid, mc.decoder_dim))
 
 
 def test_checkpoints_keep_their_stored_embedding(tmp_path):
     """A checkpoint written with the earlier column order keeps it (its weights were trained with it)."""
-    from mimcore.training.checkpoint import load_pretrained, save_checkpoint
+    from mimcore.methods.registry import load_pretrain_checkpoint as load_pretrained
+    from mimcore.training.checkpoint import save_checkpoint
 
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     torch.manual_seed(0)
     old = MiMPretrainModel(mc)
     earlier = torch.randn_like(old.encoder.pos_embed)  # stands for the MONAI-ordered embedding
@@ -99,7 +101,7 @@ def test_checkpoints_keep_their_stored_embedding(tmp_path):
 
 def test_layernorm_eps():
     """1e-5 in the conv blocks and patch embeddings, 1e-6 in the transformer blocks and final norms."""
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     enc, dec = ConvViT3D(mc), MaskedDecoder(mc)
     conv_side, vit_side = [], []
     for name, m in enc.named_modules():
@@ -130,7 +132,7 @@ def test_linear_init_is_published():
     default there, which is also nn.Linear's default: U(+-1/sqrt(fan_in)) for weight and bias.
     The third patch embedding's weight is xavier-uniform over (out, in * 8), as published."""
     torch.manual_seed(0)
-    model = MiMPretrainModel(get_preset("small"))
+    model = MiMPretrainModel(convvit_preset("small"))
     in_conv = {id(m) for blk in model.modules() if isinstance(blk, ConvBlock) for m in blk.modules()}
     n_xavier = n_conv = 0
     for name, m in model.named_modules():
@@ -147,10 +149,10 @@ def test_linear_init_is_published():
             assert _uniform_bound_ok(m.weight, math.sqrt(6 / (fan_in + fan_out))), name
             assert m.bias is None or torch.all(m.bias == 0), name
             n_xavier += 1
-    assert n_conv == 4 * sum(get_preset("small").conv_depths)
+    assert n_conv == 4 * sum(convvit_preset("small").conv_depths)
     # token_proj; per transformer block qkv, proj, 2 MLP layers (encoder + decoder); decoder
     # embed and pred; 2 layers in each of the 4 alignment heads
-    small = get_preset("small")
+    small = convvit_preset("small")
     assert n_xavier == 1 + 4 * (small.vit_depth + small.decoder_depth) + 2 + 8
 
     w = model.encoder.embeds[2].proj.weight.flatten(1)
@@ -171,7 +173,7 @@ def test_reconstruction_target_is_norm_pix():
     """l1, l2, l3 equal the MSE on hidden tokens between the prediction and each 16^3 token's
     voxels normalised by the token's own mean and (unbiased) variance, eps 1e-6 - computed here
     token by token in float64 - and not the MSE against the raw voxels."""
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     p, g = mc.patch_size, mc.grid
     torch.manual_seed(0)
     model = MiMPretrainModel(mc)

@@ -25,7 +25,8 @@ from mimcore.methods.mim import MiMPretrainModel, build_levels
 from mimcore.models.convvit import ConvViT3D
 from mimcore.models.depthwise import DepthwiseConv3d, _DepthwiseConv3d
 from mimcore.models.layers import StridedConv3d, space_to_depth
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
 
 
 def _coordinate_crop(batch: int, size: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _coords(d, h, w, b=0):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_hidden_token_counts_per_level(preset):
-    mc, cfg = get_preset(preset), MiMConfig()
+    mc, cfg = convvit_preset(preset), MiMConfig()
     b, g, n = 2, mc.grid, mc.grid**3
     gen = torch.Generator().manual_seed(3)
     levels = build_levels(torch.rand(b, 1, mc.crop_size, mc.crop_size, mc.crop_size, generator=gen), mc, cfg, gen)
@@ -89,7 +90,7 @@ def test_octant_order_matches_raster_tokens():
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_levels_cut_the_right_regions(preset):
     """Voxel values encode coordinates, so every level can be checked against where it came from."""
-    mc, cfg = get_preset(preset), MiMConfig()
+    mc, cfg = convvit_preset(preset), MiMConfig()
     b, s, g, p = 2, mc.input_size, mc.grid, mc.patch_size
     crop = _coordinate_crop(b, mc.crop_size)
     levels = build_levels(crop, mc, cfg, torch.Generator().manual_seed(11))
@@ -179,12 +180,12 @@ def test_alignment_loss_by_hand():
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return MiMPretrainModel(get_preset("tiny"))
+    return MiMPretrainModel(convvit_preset("tiny"))
 
 
 @pytest.fixture(scope="module")
 def tiny_levels():
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     gen = torch.Generator().manual_seed(7)
     return build_levels(torch.rand(2, 1, mc.crop_size, mc.crop_size, mc.crop_size, generator=gen), mc, MiMConfig(), gen)
 
@@ -213,7 +214,7 @@ def test_reconstruction_gradient_only_on_hidden_tokens(tiny_model, tiny_levels):
 
 
 def test_alignment_stops_gradient_into_parents(tiny_model, tiny_levels):
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     b, n, d = 2, mc.grid**3, mc.decoder_dim
     gen = torch.Generator().manual_seed(2)
 
@@ -254,7 +255,7 @@ def test_alignment_stops_gradient_into_parents(tiny_model, tiny_levels):
 
 
 def test_full_model_forward_backward(tiny_model):
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     gen = torch.Generator().manual_seed(5)
     tiny_model.zero_grad()
     out = tiny_model(torch.rand(2, 1, mc.crop_size, mc.crop_size, mc.crop_size, generator=gen), gen)
@@ -333,7 +334,7 @@ def test_strided_conv_equals_conv3d(k):
 
 def test_encoder_sees_visible_tokens_only():
     torch.manual_seed(0)
-    mc = get_preset("tiny")
+    mc = convvit_preset("tiny")
     enc = ConvViT3D(mc).eval()
     n = mc.grid**3
     gen = torch.Generator().manual_seed(9)
@@ -382,7 +383,7 @@ def test_model_reconstruct_passes_visible_tokens(tiny_model, tiny_levels):
                 assert pred.shape == patchify(vol).shape and feats.shape[:2] == hid.shape
     finally:
         handle.remove()
-    n = get_preset("tiny").grid ** 3
+    n = convvit_preset("tiny").grid ** 3
     assert lengths == [n - int(h[0].sum()) for h in tiny_levels.hidden]
 
 
@@ -392,12 +393,12 @@ def test_visible_token_path_gradients_equal_dense_masked_path(preset, chunk, mon
     and the same parameter gradients as the dense masked computation (float64, 1e-10)."""
     from mimcore.methods.masking import random_hidden, split_by_mask
     from mimcore.models.convvit import ConvViT3D
-    from mimcore.models.presets import get_preset
+    from mimcore.models.convvit import preset as convvit_preset
 
     import mimcore.models.depthwise as dwmod
 
     monkeypatch.setattr(dwmod, "TOKEN_CHUNK", chunk)  # 7: the weight gradient summed over several chunks
-    cfg = get_preset(preset)
+    cfg = convvit_preset(preset)
     torch.manual_seed(0)
     enc = ConvViT3D(cfg).double()
     x = torch.rand(2, 1, cfg.input_size, cfg.input_size, cfg.input_size, dtype=torch.float64)

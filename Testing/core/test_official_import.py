@@ -1,7 +1,7 @@
-"""Import of an authors' published MiM checkpoint (mimcore.models.official).
+"""Import of an authors' published MiM checkpoint (mimcore.methods.mim_official).
 
 The published parameter names and shapes come from
-``shared/reference/mim_official_pretrain_state_dict_shapes.json``; a fake "published"
+``data/mim_official_pretrain_state_dict_shapes.json`` (next to this test); a fake "published"
 checkpoint is built with exactly those names and shapes, filled with seeded random
 values, saved as ``{"model": sd}`` and imported into our ``base`` model.
 """
@@ -24,14 +24,15 @@ from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
 from mimcore.models.convvit import ConvViT3D
 from mimcore.methods.mim import Levels
-from mimcore.models.official import (
+from mimcore.methods.mim_official import (
     convert_official_state_dict,
     import_official,
     is_encoder_name,
     load_official_checkpoint,
     map_name,
 )
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
 
 REFERENCE_NAME = "mim_official_pretrain_state_dict_shapes.json"
 ENCODER_VALUES = 33_974_544  # the published encoder (everything but decoder*, mask_token, aggregate*)
@@ -64,7 +65,7 @@ def checkpoint(official_sd, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def imported(checkpoint):
     torch.manual_seed(0)
-    model = MiMPretrainModel(get_preset("base"))
+    model = MiMPretrainModel(convvit_preset("base"))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("align")}
     report = import_official(model, checkpoint)
     return model, report, before
@@ -80,7 +81,7 @@ def test_mapping_covers_the_published_model(official_shapes):
     ours, report = convert_official_state_dict(meta)
     assert report.unused == [] and report.not_imported == []
 
-    targets = MiMPretrainModel(get_preset("base")).state_dict()
+    targets = MiMPretrainModel(convvit_preset("base")).state_dict()
     for name, t in ours.items():
         assert name in targets, name
         assert targets[name].numel() == t.numel(), name
@@ -225,7 +226,7 @@ def test_imported_heads_compute_the_published_byol_terms(imported, official_sd):
 
 
 def test_import_into_encoder_alone(checkpoint, official_sd):
-    enc = ConvViT3D(get_preset("base"))
+    enc = ConvViT3D(convvit_preset("base"))
     report = import_official(enc, checkpoint)
     assert report.missing == [] and report.shape_mismatch == []
     assert sorted(report.unused) == sorted(k for k in official_sd if not is_encoder_name(k))
@@ -264,7 +265,7 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     with pytest.raises(MimError, match="refused: not a plain tensor checkpoint"):
         load_official_checkpoint(path)
     with pytest.raises(MimError, match="refused"):
-        import_official(ConvViT3D(get_preset("tiny")), path)
+        import_official(ConvViT3D(convvit_preset("tiny")), path)
     assert not marker.exists()
 
 
@@ -272,7 +273,7 @@ def test_nothing_matching_is_an_error(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"backbone.conv.weight": torch.zeros(3, 3), "head.bias": torch.zeros(2)}}, path)
     with pytest.raises(MimError, match="nothing"):
-        import_official(MiMPretrainModel(get_preset("tiny")), path)
+        import_official(MiMPretrainModel(convvit_preset("tiny")), path)
 
 
 def test_unreadable_and_missing_files(tmp_path):
@@ -286,7 +287,7 @@ def test_unreadable_and_missing_files(tmp_path):
 
 def test_bare_state_dict_and_strictness(tmp_path):
     """A bare state dict is accepted; a wrong-shaped encoder tensor fails strict import, naming it."""
-    enc = ConvViT3D(get_preset("tiny"))  # dims (6, 12, 24, 48), 2^3 tokens
+    enc = ConvViT3D(convvit_preset("tiny"))  # dims (6, 12, 24, 48), 2^3 tokens
     good_norm = torch.arange(48, dtype=torch.float32)
     sd = {"norm.weight": good_norm, "pos_embed": torch.ones(1, 8, 48), "blocks4.0.norm1.bias": torch.zeros(7)}
     path = tmp_path / "bare.pth"

@@ -93,11 +93,11 @@ def test_spacing_resamples_and_must_match_on_resume(tmp_path, ct_folder, capsys)
 
 def test_lr_scaling_and_param_groups():
     from mimcore.methods.mim import MiMPretrainModel
-    from mimcore.models.presets import get_preset
+    from mimcore.models.convvit import preset as convvit_preset
     from mimcore.training.optim import make_optimizer, scaled_lr
 
     assert scaled_lr(1e-4, 512) == pytest.approx(2e-4)
-    model = MiMPretrainModel(get_preset("tiny"))
+    model = MiMPretrainModel(convvit_preset("tiny"))
     opt = make_optimizer(model, 1e-3)
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}

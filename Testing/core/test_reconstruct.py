@@ -23,10 +23,11 @@ from mimcore.cli.main import main
 from mimcore.data.preprocess import Preprocessing
 from mimcore.data.volume_io import load_volume, save_volume
 from mimcore.methods.mim import MiMPretrainModel
-from mimcore.models.presets import MiMConfig, get_preset
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
 from mimcore.training.checkpoint import save_checkpoint
 
-CFG = get_preset("tiny")  # input 32^3, crop 64^3, grid 2, level-3 blocks upsampled x2
+CFG = convvit_preset("tiny")  # input 32^3, crop 64^3, grid 2, level-3 blocks upsampled x2
 SHAPE = (70, 66, 72)
 SPACING = np.array([0.9, 1.3, 0.7])
 GRAD = np.array([4.0, -3.0, 5.0])  # HU per mm along RAS x, y, z

@@ -17,8 +17,8 @@ from mimcore.data.regrid import labels_to_grid
 from mimcore.data.volume_io import Volume, load_volume, save_volume
 from mimcore.inference.segment import Segmenter, preprocess
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models.presets import get_preset
-from mimcore.models.segnet import MiMSegNet, architecture_dict
+from mimcore.models.convvit import preset as convvit_preset
+from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 
 PREP = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "hu_min": -175.0, "hu_max": 250.0}
 
@@ -82,7 +82,7 @@ def test_slab_budget_for_a_large_ct():
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     torch.manual_seed(0)
-    net = MiMSegNet(get_preset("tiny"), 3)
+    net = MiMSegNet(convvit_preset("tiny"), 3)
     labels = labels_from_names({1: "liver", 2: "spleen"})
     desc = {"name": "tiny-test", "architecture": architecture_dict(net, "tiny"),
             "labels": [lab.to_dict() for lab in labels], "preprocessing": PREP,

@@ -10,13 +10,15 @@ import torch
 
 from mimcore.errors import MimError
 from mimcore.methods.mim import MiMPretrainModel
-from mimcore.models.encoder_init import init_from_official, init_from_pretrain, source_kind
-from mimcore.models.presets import MiMConfig, get_preset
-from mimcore.models.segnet import MiMSegNet, architecture_dict, build_segnet
+from mimcore.training.encoder_init import init_from_official, init_from_pretrain, source_kind
+from mimcore.methods.mim import MiMConfig
+from mimcore.models.convvit import preset as convvit_preset
+from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
+from mimcore.models.segnet import build_segnet
 from mimcore.training.checkpoint import save_checkpoint
 from mimcore.training.optim import encoder_layer_id, finetune_param_groups
 
-TINY = get_preset("tiny")
+TINY = convvit_preset("tiny")
 
 
 def test_shapes_and_pyramid():
@@ -30,7 +32,7 @@ def test_shapes_and_pyramid():
     assert net(x).shape == (2, 4, 32, 32, 32)
     with pytest.raises(MimError, match="sliding-window"):
         net(torch.randn(1, 1, 48, 48, 48))
-    small = MiMSegNet(get_preset("small"), out_channels=3).eval()
+    small = MiMSegNet(convvit_preset("small"), out_channels=3).eval()
     assert small.feature_size == 24
     with torch.no_grad():
         assert small(torch.randn(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
@@ -89,7 +91,7 @@ def test_init_from_pretrain_checkpoint(tmp_path):
         torch.testing.assert_close(net.state_dict()[k], pre.state_dict()[k], rtol=0, atol=0)
     assert source_kind(json_path) == "pretrain"
     with pytest.raises(MimError, match="--preset tiny"):
-        init_from_pretrain(MiMSegNet(get_preset("small"), 3), json_path)
+        init_from_pretrain(MiMSegNet(convvit_preset("small"), 3), json_path)
 
 
 def test_init_from_official_needs_matching_tensors(tmp_path):

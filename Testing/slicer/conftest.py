@@ -67,9 +67,9 @@ def tiny_model(slicer_app, models_dir, small_datalist) -> dict:
     """A ``tiny`` segmentation model trained here for 2 steps on the sample CT (liver, spleen,
     kidneys), through the logic's own fine-tuning task on a datalist, added to the library.
     Returns ``{"name", "task"}``."""
-    from MiMSlicerLib.logic import MiMSlicerLogic
+    from MiMSlicerLib.logic import MiMLogicCore
 
-    logic = MiMSlicerLogic(scene=slicer_app.scene, models_dir=str(models_dir), env=CHILD_ENV)
+    logic = MiMLogicCore(scene=slicer_app.scene, models_dir=str(models_dir), env=CHILD_ENV)
     task = logic.start_finetune(str(small_datalist), None, 2, device="cpu", name="tiny-sample",
                                 spacing=(6, 6, 6), extra_args=["--labels", ",".join(LABELS), "--val-every", "2",
                                                                "--samples-per-case", "1"])

@@ -1,4 +1,4 @@
-"""MiMSlicerLogic end to end: real scene, real storage nodes and segmentation logic, the real
+"""MiMLogicCore end to end: real scene, real storage nodes and segmentation logic, the real
 ``mimcore`` CLI in child processes, and ``tiny`` models trained in this session."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from mimslicer_testing import (CHILD_ENV, LABELS, add_segment, group_processes, 
                                wait_for_processes)
 
 from MiMSlicerLib.errors import MiMSlicerError
-from MiMSlicerLib.logic import MiMSlicerLogic
+from MiMSlicerLib.logic import MiMLogicCore
 from MiMSlicerLib.segmentations import labelmap_array, segments
 from MiMSlicerLib.volumes import array_to_matrix, ijk_to_ras, load_volume, matrix_to_array
 
 
 @pytest.fixture()
 def logic(scene, models_dir):
-    return MiMSlicerLogic(scene=scene, models_dir=str(models_dir), env=CHILD_ENV)
+    return MiMLogicCore(scene=scene, models_dir=str(models_dir), env=CHILD_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def segmented(slicer_app, models_dir, tiny_model, sample_ct):
     transform.SetMatrixTransformToParent(array_to_matrix(
         oblique_affine(spacing=(1, 1, 1), angles_deg=(0, 0, 12), origin=(4.0, -2.5, 7.0))))
     volume.SetAndObserveTransformNodeID(transform.GetID())
-    logic = MiMSlicerLogic(scene=scene, models_dir=str(models_dir), env=CHILD_ENV)
+    logic = MiMLogicCore(scene=scene, models_dir=str(models_dir), env=CHILD_ENV)
     events = []
     task = wait(logic.start_segment(volume, tiny_model["name"], device="cpu", on_event=events.append))
     yield {"volume": volume, "transform": transform, "task": task, "events": events}

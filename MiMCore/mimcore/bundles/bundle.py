@@ -41,11 +41,11 @@ from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError, safe_open
 
+from mimcore.bundles.layout import DESCRIPTION_FILE
 from mimcore.errors import MimError
 from mimcore.files import atomic_write, sha256_file
 
 BUNDLE_FORMAT = "mimcore.bundle.v1"
-DESCRIPTION_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 _FORMAT_RE = re.compile(r"^mimcore\.bundle\.v(\d+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -408,7 +408,7 @@ def _open_zip(zip_path: Path, cache_dir: str | os.PathLike | None) -> tuple[Path
 
 def default_cache_dir() -> Path:
     """Where zips are extracted: the model library's cache, or a temporary folder if that is not writable."""
-    from mimcore.bundles.library import cache_dir
+    from mimcore.bundles.layout import cache_dir
 
     path = cache_dir()
     try:

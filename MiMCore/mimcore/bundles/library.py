@@ -16,14 +16,14 @@ A *registry* is a JSON file (local path, ``file://`` or ``http(s)://`` URL; defa
     {"models": [{"name": "liver", "url": "liver.zip", "sha256": "...", "size": 123,
                  "description": "..."}]}
 
-Relative URLs are relative to the registry file.
+Relative URLs are relative to the registry file. Where the library is and how entries are
+named: :mod:`mimcore.bundles.layout` (standard library only; the Slicer GUI reads it too).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import urllib.parse
@@ -32,40 +32,16 @@ from pathlib import Path
 from mimcore.bundles.bundle import (DESCRIPTION_FILE, Bundle, extract_zip_bundle, load_bundle, read_description,
                                     replace_dir, write_zip)
 from mimcore.bundles.download import download, is_url, local_path, read_text
+from mimcore.bundles.layout import ENV_REGISTRY, NAME_PATTERN, cache_dir, library_dir, slugify
 from mimcore.errors import MimError
 from mimcore.files import atomic_write
 
-ENV_LIBRARY = "MIM_MODELS_DIR"
-ENV_REGISTRY = "MIM_MODEL_REGISTRY"
 EXPORT_FORMATS = ("zip", "dir", "monai")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
-
-
-def library_dir(library: str | os.PathLike | None = None) -> Path:
-    """The library folder: ``library`` if given, else ``$MIM_MODELS_DIR``, else the user data folder."""
-    if library is not None:
-        return Path(library).expanduser()
-    if os.environ.get(ENV_LIBRARY):
-        return Path(os.environ[ENV_LIBRARY]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("mimcore")) / "models"
-
-
-def cache_dir(library: str | os.PathLike | None = None) -> Path:
-    """The library's cache (downloads, extracted zips): ``<library>/.cache``."""
-    return library_dir(library) / ".cache"
-
-
-def slugify(name: str) -> str:
-    """A library folder name made from a model name: ``"Liver (v2)"`` -> ``"Liver-v2"``."""
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.")[:100]
-    return slug or "model"
 
 
 def check_name(name: str) -> str:
     """``name`` if it is usable as a library name, else a :class:`MimError`."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise MimError(f"{name!r} is not a valid model name: use letters, digits, '.', '_', '+' and '-' "
                        f"(at most 100, starting with a letter or digit), e.g. {slugify(str(name))!r}")
     return name
@@ -121,7 +97,7 @@ def get_model(name_or_path: str | os.PathLike, library: str | os.PathLike | None
     """
     lib = library_dir(library)
     text = str(name_or_path)
-    if _NAME_RE.match(text) and (lib / text).is_dir():
+    if NAME_PATTERN.match(text) and (lib / text).is_dir():
         return load_bundle(lib / text)
     path = Path(text).expanduser()
     if path.exists():

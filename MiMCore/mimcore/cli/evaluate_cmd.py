@@ -52,15 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def case_key(path: Path) -> str:
     """The name a file is paired by: without its volume suffix, and without a trailing ``.seg``."""
-    from mimcore.data.volume_io import volume_suffix
+    from mimcore.data.volume_io import volume_stem
 
-    name = path.name
-    suffix = volume_suffix(path)
-    if suffix and name.lower().endswith(suffix):
-        name = name[: -len(suffix)]
-    if name.lower().endswith(".seg"):
-        name = name[:-4]
-    return name
+    return volume_stem(path.name, seg=True)
 
 
 def _volume_files(folder: Path) -> dict[str, Path]:

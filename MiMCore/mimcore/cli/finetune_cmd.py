@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mimcore.devices import DEVICE_CHOICES
-from mimcore.methods.registry import ALL_BACKBONES
-from mimcore.models.presets import PRESETS
+from mimcore.methods.registry import ALL_BACKBONES, PRESET_NAMES
 
 
 def add_parser(sub) -> None:
@@ -33,7 +32,7 @@ def add_parser(sub) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--init", help="start from: a `mim pretrain` run folder or checkpoint, an authors' MiM "
                                       ".pth, or a segmentation model bundle (folder, zip or library name)")
-    model.add_argument("--preset", choices=sorted(PRESETS), help="model size (default: the --init's, else base)")
+    model.add_argument("--preset", choices=sorted(PRESET_NAMES), help="model size (default: the --init's, else base)")
     model.add_argument("--backbone", choices=ALL_BACKBONES,
                        help="network when starting without pre-trained weights: convvit (MiM network, the "
                             "default), vit (UNETR) or swin (SwinUNETR); with --init it follows the checkpoint")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
-from mimcore import __version__
+from mimcore import __version__, events
 from mimcore.errors import MimError
 
 COMMAND_MODULES = (
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MimError as e:
         if getattr(args, "progress", None) == "json":
-            print(json.dumps({"event": "error", "message": str(e)}), flush=True)
+            events.emit("error", message=str(e))
         print(f"mim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

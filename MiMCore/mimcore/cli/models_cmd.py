@@ -105,7 +105,9 @@ def _add(args: argparse.Namespace) -> int:
     path = add_model(args.source, name=args.name, registry=args.registry, progress=not args.quiet,
                      overwrite=args.overwrite, library=args.library)
     if args.json:
-        print(json.dumps({"event": "done", "name": path.name, "path": str(path)}), flush=True)
+        from mimcore import events
+
+        events.emit("done", name=path.name, path=str(path))
     else:
         print(f"Added {path.name!r} to the model library: {path}")
     return 0

@@ -7,7 +7,6 @@ summary.json). The logic is in :mod:`mimcore.reconstruct`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,19 +33,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="DIR",
                         help="Output folder (default: ./mim_reconstruction_<image name>); files are overwritten.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random masks (default: 0).")
-    parser.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N.")
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N, mps.")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="json: print progress as JSON lines (for the Slicer module); default: text.")
     parser.set_defaults(func=handler)
     return parser
 
 
-def _emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
-
-
 def handler(args: argparse.Namespace) -> int:
     """Handler of ``mim reconstruct``; returns 0 (MimError is turned into exit code 2 by main)."""
+    from mimcore import events
     from mimcore.reconstruct import reconstruct
     from mimcore.training.progress import Progress
 
@@ -71,7 +67,7 @@ def handler(args: argparse.Namespace) -> int:
     result = reconstruct(args.checkpoint, args.image, center_ras=args.center, output_dir=args.output,
                          seed=args.seed, device=args.device, progress=progress, notice=notice)
     if as_json:
-        _emit({"event": "done", "outputs": result.outputs()})
+        events.emit("done", outputs=result.outputs())
     else:
         for i, folder in enumerate(result.level_dirs, start=1):
             n = sum(1 for f in result.files if f.parent == folder)

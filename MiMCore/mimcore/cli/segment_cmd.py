@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -54,14 +53,13 @@ def output_paths(inputs: list[Path], output: Path, fmt: str, batch: bool) -> lis
 
 
 def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    from mimcore.data.volume_io import volume_stem
+
+    return volume_stem(path.name)
 
 
 def run(ns: argparse.Namespace) -> int:
+    from mimcore import events
     from mimcore.bundles.library import get_model
     from mimcore.data.datalist import volumes_from_folder
     from mimcore.data.labels import Label
@@ -81,7 +79,7 @@ def run(ns: argparse.Namespace) -> int:
 
     def event(name, **fields):
         if json_mode:
-            print(json.dumps({"event": name, **fields}), flush=True)
+            events.emit(name, **fields)
         elif ns.progress == "bar" and name == "warning":
             print(f"mim segment: {fields.get('message')}", flush=True)
 

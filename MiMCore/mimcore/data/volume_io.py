@@ -122,6 +122,18 @@ def quiet_itk():
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+def volume_stem(path: str | os.PathLike, seg: bool = False) -> str:
+    """A volume file's name without its volume suffix (any case; ``.nii.gz`` is one suffix):
+    ``/data/CT_001.nii.gz`` -> ``CT_001``. ``seg``: also without a trailing ``.seg`` (3D Slicer's
+    ``.seg.nrrd``). A name without a volume suffix (a DICOM folder) is returned whole."""
+    name = Path(str(path).rstrip("/\\")).name
+    suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), "")
+    name = name[: len(name) - len(suffix)]
+    if seg and name.lower().endswith(".seg"):
+        name = name[:-4]
+    return name
+
+
 def volume_suffix(path: str | os.PathLike) -> str:
     """The lower-case suffix of a volume path, with ``.nii.gz`` as one suffix."""
     path = Path(path)

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -24,7 +26,7 @@ from mimcore.data.volume_io import Volume
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models import segnets
+from mimcore.models import segnet
 
 INFERENCE_DEFAULTS = {"overlap": 0.5, "sw_batch_size": 2, "tta_flips": False, "keep_largest": False}
 
@@ -44,12 +46,19 @@ def preprocess(vol: Volume, prep: dict, lazy: bool = False) -> MetaTensor:
 
 class Segmenter:
     """Runs one bundle's network on whole volumes. Settings left as None come from the
-    bundle's ``inference`` section. ``events(event, **fields)`` receives warnings;
-    ``windows(n)`` is called after every n windows (progress)."""
+    bundle's ``inference`` section.
+
+    Hooks (all optional): ``events(event, **fields)`` receives warnings; ``windows(n)`` is
+    called after every n windows (progress); ``timer(stage)`` returns a context manager
+    around each stage of :meth:`segment`: ``"prep"`` (preprocessing), ``"sw"`` (sliding
+    window + argmax) and ``"post"`` (labels onto the input grid); ``on_slab`` and
+    ``forward`` go to :class:`~mimcore.inference.window.WindowSegmenter`.
+    """
 
     def __init__(self, bundle, device: str = "auto", overlap: float | None = None, sw_batch: int | None = None,
                  tta: bool | None = None, keep_largest: bool | None = None, precision: str = "auto",
-                 events=None, windows=None, slab_budget_bytes: int = 1 << 30):
+                 events=None, windows=None, slab_budget_bytes: int = 1 << 30, *, timer=None, on_slab=None,
+                 forward=None):
         desc = bundle.description
         settings = dict(INFERENCE_DEFAULTS, **desc.get("inference", {}))
         for key, value in (("overlap", overlap), ("sw_batch_size", sw_batch), ("tta_flips", tta),
@@ -62,7 +71,7 @@ class Segmenter:
             raise MimError(f"the window batch must be at least 1, got {settings['sw_batch_size']}")
         self.settings, self.prep, self.labels = settings, desc["preprocessing"], bundle.labels
         self.device = resolve_device(device)
-        self.net = segnets.build(desc["architecture"])  # MiMSegNet, UNETR or SwinUNETR
+        self.net = segnet.build(desc["architecture"])  # MiMSegNet, UNETR or SwinUNETR
         missing, unexpected = self.net.load_state_dict(bundle.state_dict(), strict=False)
         if missing or unexpected:
             raise MimError(f"the weights of {bundle.path} do not fit its model.json: {len(missing)} missing "
@@ -71,21 +80,29 @@ class Segmenter:
         amp = None
         if self.device.type == "cuda" and precision != "fp32":
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.n_classes = segnets.out_channels(self.net)
-        self.window = WindowSegmenter(self.net, segnets.input_size(self.net), self.device, float(settings["overlap"]),
+        self.n_classes = segnet.out_channels(self.net)
+        self.timer = timer or (lambda stage: contextlib.nullcontext())
+        self.window = WindowSegmenter(self.net, segnet.input_size(self.net), self.device, float(settings["overlap"]),
                                       int(settings["sw_batch_size"]), bool(settings["tta_flips"]), amp,
-                                      slab_budget_bytes, on_event=events, on_windows=windows)
+                                      slab_budget_bytes, on_event=events, on_windows=windows, on_slab=on_slab,
+                                      forward=forward)
+
+    def model_space_shape(self, vol: Volume) -> tuple[int, int, int]:
+        """The (X', Y', Z') shape preprocessing gives ``vol``, exactly (MONAI's lazy transforms
+        compute it without resampling)."""
+        img = preprocess(vol, self.prep, lazy=True)
+        return tuple(int(n) for n in img.peek_pending_shape())
 
     def total_windows(self, vol: Volume) -> int:
-        """Network windows needed for ``vol`` (for progress bars), from the exact shape that
-        preprocessing gives it (MONAI's lazy transforms compute it without resampling)."""
-        img = preprocess(vol, self.prep, lazy=True)
-        return self.window.total_windows(tuple(int(n) for n in img.peek_pending_shape()), self.n_classes)
+        """Network windows needed for ``vol`` (for progress bars)."""
+        return self.window.total_windows(self.model_space_shape(vol), self.n_classes)
 
     def segment_model_space(self, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
         """-> (labels (X', Y', Z') at the model's spacing/orientation, its RAS affine (4, 4))."""
-        img = preprocess(vol, self.prep)
-        labels = self.window(img.as_tensor(), self.n_classes)
+        with self.timer("prep"):
+            img = preprocess(vol, self.prep)
+        with self.timer("sw"):
+            labels = self.window(img.as_tensor(), self.n_classes)
         if self.settings["keep_largest"]:
             values = [lab["value"] for lab in self.labels]
             keep = KeepLargestConnectedComponent(applied_labels=values, is_onehot=False, independent=True)
@@ -95,7 +112,8 @@ class Segmenter:
     def segment(self, vol: Volume) -> np.ndarray:
         """Volume -> label map (X, Y, Z) on the volume's own grid (uint8, or uint16 past 255 labels)."""
         labels, affine = self.segment_model_space(vol)
-        return labels_to_grid(labels, affine, vol)
+        with self.timer("post"):
+            return labels_to_grid(labels, affine, vol)
 
 
 def ras_order(vol: Volume, per_axis) -> np.ndarray:

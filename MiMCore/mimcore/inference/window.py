@@ -7,6 +7,10 @@ at a time (on the CPU), never for the whole volume; the network runs on ``device
 
 On CUDA out-of-memory the window batch is halved and the slab retried; at batch 1 the
 network moves to the CPU. Each fallback is reported through ``on_event``.
+
+Hooks are constructor arguments (as MONAI's inferers take theirs), so that progress bars
+and benchmarks observe a run without patching it: ``on_windows`` counts network passes,
+``on_slab`` is told where each slab starts, ``forward`` runs the network on one window batch.
 """
 
 from __future__ import annotations
@@ -36,21 +40,33 @@ class WindowSegmenter:
 
     ``__call__(image) -> (X, Y, Z) uint8/uint16`` (argmax of the blended softmax).
     ``slab_budget_bytes`` bounds the probability buffer of one slab (C x X x Y x slab x 4).
+
+    Hooks (all optional):
+        on_event: ``on_event(event, **fields)`` receives the out-of-memory fallbacks (``"warning"``).
+        on_windows: ``on_windows(n)`` after every n network passes (progress).
+        on_slab: ``on_slab(start, stop)`` before each slab, with the range of its core along
+            the slab axis (voxels).
+        forward: ``forward(net, x) -> logits`` runs the network on a window batch
+            x (n, 1, R, R, R); default ``net(x)``.
     """
 
     def __init__(self, net: torch.nn.Module, roi: int, device: torch.device, overlap: float = 0.5,
                  sw_batch: int = 2, tta: bool = False, amp_dtype: torch.dtype | None = None,
                  slab_budget_bytes: int = 1 << 30, on_event: Callable[..., None] | None = None,
-                 on_windows: Callable[[int], None] | None = None):
+                 on_windows: Callable[[int], None] | None = None,
+                 on_slab: Callable[[int, int], None] | None = None,
+                 forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
         self.net, self.roi, self.device = net, roi, device
         self.overlap, self.sw_batch, self.tta, self.amp_dtype = overlap, sw_batch, tta, amp_dtype
         self.slab_budget = slab_budget_bytes
         self.on_event = on_event or (lambda *a, **k: None)
         self.on_windows = on_windows or (lambda n: None)
+        self.on_slab = on_slab or (lambda start, stop: None)
+        self.forward = forward or (lambda net, x: net(x))
 
     # ------------------------------------------------------------------ network
     @torch.no_grad()
-    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, 1, R, R, R) -> softmax probabilities (n, C, R, R, R) float32 (flip-averaged with TTA)."""
         dev = next(self.net.parameters()).device
         x = x.to(dev)
@@ -58,7 +74,7 @@ class WindowSegmenter:
 
         def probs(inp):
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                return F.softmax(self.net(inp).float(), dim=1)
+                return F.softmax(self.forward(self.net, inp).float(), dim=1)
 
         p = probs(x)
         if self.tta:
@@ -98,6 +114,7 @@ class WindowSegmenter:
         for a, b in cores:
             lo, hi = max(0, a - half), min(shape[axis], b + half)
             slab = image.narrow(axis + 1, lo, hi - lo)[None].float()  # (1, 1, ..)
+            self.on_slab(a, b)
             probs = self._run_slab(slab)  # (1, C, ..) on the CPU
             core = probs[0].narrow(axis + 1, a - lo, b - a).argmax(0)
             index = [slice(None)] * 3
@@ -111,7 +128,7 @@ class WindowSegmenter:
             dev = next(self.net.parameters()).device
             try:
                 return sliding_window_inference(
-                    slab, (self.roi,) * 3, self.sw_batch, self._predict, overlap=self.overlap, mode="gaussian",
+                    slab, (self.roi,) * 3, self.sw_batch, self.predict, overlap=self.overlap, mode="gaussian",
                     sw_device=dev, device=torch.device("cpu"))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()

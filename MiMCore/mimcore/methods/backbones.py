@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from mimcore.errors import MimError
-from mimcore.models.convvit import ConvViT3D, upsample_token_mask
-from mimcore.models.presets import ModelConfig, get_preset
-from mimcore.models.vit import ViTConfig, ViTEncoder, get_vit_preset
+from mimcore.models import convvit, vit
+from mimcore.models.convvit import ConvViT3D, ModelConfig, upsample_token_mask
+from mimcore.models.vit import ViTConfig, ViTEncoder
 
 BACKBONE_NAMES = ("vit", "convvit")
 
@@ -72,9 +72,9 @@ class ConvViTEncoder(ConvViT3D):
 def backbone_config(backbone: str, preset: str) -> ViTConfig | ModelConfig:
     """The size of ``backbone`` at ``preset`` (``base``, ``small``, ``tiny``)."""
     if backbone == "vit":
-        return get_vit_preset(preset)
+        return vit.preset(preset)
     if backbone == "convvit":
-        return get_preset(preset)
+        return convvit.preset(preset)
     raise MimError(f"unknown backbone {backbone!r} for MAE/SimMIM; choose one of: {', '.join(BACKBONE_NAMES)}")
 
 

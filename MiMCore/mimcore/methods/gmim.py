@@ -105,7 +105,8 @@ from mimcore.methods.grid_masking import (
     token_hidden,
     voxel_hidden,
 )
-from mimcore.models.swin import build_swin_encoder
+from mimcore.models import swin
+from mimcore.models.swin import SwinConfig, build_swin_encoder
 
 _TUPLE_FIELDS = ("depths", "num_heads", "grids", "ratio_range", "remask_stages", "contrast_gamma")
 
@@ -123,7 +124,9 @@ class GMIMConfig:
 
     input_size: edge S of the network input (multiple of patch * 16).
     crop_size: edge R of the region x and y are cut from (S <= R; overlap is guaranteed).
-    feature_size, depths, num_heads, window_size, patch_size: the Swin encoder.
+    feature_size, depths, num_heads, window_size, patch_size: the Swin encoder (with input_size:
+        a :class:`mimcore.models.swin.SwinConfig`, :attr:`swin`; the presets take them from
+        :data:`mimcore.models.swin.PRESETS`).
     proj_dim: projector output (512 for a 768-d last stage).
     grids: candidate cells per axis; each must divide the patch-embedding token map.
     entropy_bins: histogram bins over [0, 1] for the cell entropy.
@@ -210,6 +213,11 @@ class GMIMConfig:
             raise MimError("GMIM shift_offset and noise_std must not be negative")
 
     @property
+    def swin(self) -> SwinConfig:
+        """The Swin encoder's sizes."""
+        return SwinConfig(**{f: getattr(self, f) for f in SwinConfig.__dataclass_fields__})
+
+    @property
     def encoder_dim(self) -> int:
         """Channels of the last encoder stage (768 for ``base``)."""
         return self.feature_size * 2 ** len(self.depths)
@@ -234,24 +242,22 @@ class GMIMConfig:
         return cls(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in d.items()})
 
 
+def on_swin(size: str, **settings) -> GMIMConfig:
+    """GMIM with the Swin encoder of ``size`` (:data:`mimcore.models.swin.PRESETS`: input size,
+    feature size, depths, heads, window, patch) and the method ``settings`` given."""
+    return GMIMConfig(**swin.preset(size).to_dict(), **settings)
+
+
 GMIM_PRESETS: dict[str, GMIMConfig] = {
-    # As published: 128^3 input from 160^3 regions, Swin feature 48 (768-d last stage,
-    # 4^3 tokens), heads 3/6/12/24, window 7, grids 4/8/16 (cells of 32/16/8 voxels),
+    # As published: 128^3 input from 160^3 regions, grids 4/8/16 (cells of 32/16/8 voxels),
     # projectors 768 -> 512. Re-mask token maps 64^3, 32^3, 16^3: every grid fits.
-    "base": GMIMConfig(),
+    "base": on_swin("base"),
     # CPU-sized (about 1-2 s per crop per step on one core): 64^3 input from 80^3 regions
-    # (base's 1.25 ratio), feature 24 (384-d last stage, 2^3 tokens), window 4 (a 7^3
-    # window costs 5x the attention of 4^3 and on a 32^3 token map pads it to 35^3),
-    # projectors 384 -> 256 (base's 2/3), grids 2/4/8 so cells keep base's 32/16/8 voxels
-    # (re-mask token maps 32^3, 16^3, 8^3).
-    "small": GMIMConfig(input_size=64, crop_size=80, feature_size=24, window_size=4, proj_dim=256,
-                        grids=(2, 4, 8)),
-    # For tests: as small with feature 12 (192-d last stage), heads 1/2/4/8, projectors
-    # 192 -> 128. The input stays 64^3: at 32^3 the last stage is a single token, which
-    # the decoder's InstanceNorm cannot normalise and which leaves the cross-correlation
-    # one token per image.
-    "tiny": GMIMConfig(input_size=64, crop_size=80, feature_size=12, num_heads=(1, 2, 4, 8), window_size=4,
-                       proj_dim=128, grids=(2, 4, 8)),
+    # (base's 1.25 ratio), projectors 384 -> 256 (base's 2/3), grids 2/4/8 so cells keep
+    # base's 32/16/8 voxels (re-mask token maps 32^3, 16^3, 8^3).
+    "small": on_swin("small", crop_size=80, proj_dim=256, grids=(2, 4, 8)),
+    # For tests: as small on the tiny encoder, projectors 192 -> 128.
+    "tiny": on_swin("tiny", crop_size=80, proj_dim=128, grids=(2, 4, 8)),
 }
 
 

@@ -33,7 +33,7 @@ from mimcore.errors import MimError
 from mimcore.methods.backbones import build_encoder
 from mimcore.methods.masking import split_by_mask
 from mimcore.methods.token_mim import TokenMIM
-from mimcore.models.presets import ModelConfig
+from mimcore.models.convvit import ModelConfig
 from mimcore.models.vit import ViTConfig
 
 
@@ -68,6 +68,10 @@ def mae_config(preset: str) -> MAEConfig:
         return MAE_PRESETS[preset]
     except KeyError:
         raise MimError(f"unknown model size {preset!r}; choose one of: {', '.join(MAE_PRESETS)}") from None
+
+
+#: The registry's names for this method's settings (``config(preset)``, ``CONFIG``) and model (``MODEL``).
+config = mae_config
 
 
 class MAEDecoder(nn.Module):
@@ -112,3 +116,6 @@ class MAEPretrainModel(TokenMIM):
         """volume (N, 1, S, S, S), hidden (N, L) -> (N, L, p^3); the encoder gets visible tokens only."""
         ids_keep, ids_restore = split_by_mask(hidden)
         return self.decoder(self.encoder.encode_visible(volume, ids_keep), ids_restore)
+
+
+CONFIG, MODEL = MAEConfig, MAEPretrainModel

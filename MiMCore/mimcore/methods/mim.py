@@ -69,13 +69,14 @@ Deviations from the published code, on purpose:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock
 from torch import nn
 
+from mimcore.errors import MimError
 from mimcore.methods.losses import alignment_loss, cosine_logits, masked_mse, norm_pix_target, pair_cosines
 from mimcore.methods.masking import (
     patchify,
@@ -84,10 +85,47 @@ from mimcore.methods.masking import (
     split_octants,
     token_octants,
 )
-from mimcore.models.convvit import ConvViT3D, gather_tokens
+from mimcore.models.convvit import ConvViT3D, ModelConfig, gather_tokens
 from mimcore.models.decoder import MaskedDecoder
 from mimcore.models.layers import init_linears_published
-from mimcore.models.presets import MiMConfig, ModelConfig
+
+
+#: The cross-level alignment terms MiM offers (see the module docstring).
+ALIGNMENTS = ("region", "published", "ce")
+
+
+@dataclass(frozen=True)
+class MiMConfig:
+    """The mask-in-mask method: ratios, level-3 block count, loss weights and the
+    cross-level alignment (METHODS.md).
+
+    ``alignment``: ``region`` (our design, default), ``published`` (the released
+    ``attn_loss_name byol`` terms) or ``ce`` (the released default ``attn_loss_name CE``:
+    classify where each child came from). ``ce_temperature`` divides the cosine logits of
+    ``ce`` (the released code uses the plain cosines: 1.0).
+    """
+
+    level1_octant_ratio: float = 0.5
+    level2_mask_ratio: float = 0.6
+    level3_mask_ratio: float = 0.5
+    level3_blocks: int = 4
+    norm_pix_eps: float = 1e-6
+    loss_weights: dict = field(default_factory=lambda: {"l1": 1.0, "l2": 1.0, "l3": 1.0, "a12": 0.1, "a23": 0.1})
+    alignment: str = "region"
+    ce_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.alignment not in ALIGNMENTS:
+            raise MimError(f"unknown MiM alignment {self.alignment!r}; choose one of: {', '.join(ALIGNMENTS)}")
+        if not self.ce_temperature > 0:
+            raise MimError(f"ce_temperature must be positive, got {self.ce_temperature!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MiMConfig":
+        return cls(**d)
 
 
 @dataclass

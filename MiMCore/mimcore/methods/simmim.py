@@ -21,7 +21,7 @@ from torch import nn
 
 from mimcore.methods.backbones import build_encoder
 from mimcore.methods.token_mim import TokenMIM
-from mimcore.models.presets import ModelConfig
+from mimcore.models.convvit import ModelConfig
 from mimcore.models.vit import ViTConfig
 
 
@@ -52,3 +52,12 @@ class SimMIMPretrainModel(TokenMIM):
     def predict(self, volume: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """volume (N, 1, S, S, S), hidden (N, L) -> (N, L, p^3); the encoder sees all L tokens."""
         return self.head(self.encoder.encode_masked(volume, hidden, self.mask_token))
+
+
+def config(preset: str) -> SimMIMConfig:
+    """SimMIM's settings; the same for every size (75 % hidden, L1)."""
+    return SimMIMConfig()
+
+
+#: The registry's names for this method's settings class and model.
+CONFIG, MODEL = SimMIMConfig, SimMIMPretrainModel

@@ -32,11 +32,14 @@ side) and the fixed position embedding is the published sin-cos layout
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from mimcore.errors import MimError
 from mimcore.models.depthwise import depthwise_on_tokens, grid_to_tokens
 from mimcore.models.layers import (
     VIT_LN_EPS,
@@ -48,7 +51,72 @@ from mimcore.models.layers import (
     space_to_depth,
 )
 from mimcore.models.posembed import sincos_3d
-from mimcore.models.presets import ModelConfig
+
+
+# --------------------------------------------------------------------------- sizes
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + pre-training decoder sizes. ``input_size`` is the network input edge (voxels)."""
+
+    input_size: int = 96
+    dims: tuple[int, int, int, int] = (48, 96, 192, 384)
+    conv_depths: tuple[int, int, int] = (2, 2, 2)
+    vit_depth: int = 11
+    vit_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 576
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    patch_size: int = 16
+
+    @property
+    def grid(self) -> int:
+        """Tokens along each axis of the network input (6 for 96^3)."""
+        return self.input_size // self.patch_size
+
+    @property
+    def crop_size(self) -> int:
+        """Edge of the full-resolution pre-training crop (192 for ``base``)."""
+        return 2 * self.input_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        for key in ("dims", "conv_depths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+#: ConvViT3D sizes. All keep the published structure: a token is a 16^3 block (four stride-2
+#: stages), the pre-training crop is twice the network input, and MiM's level-1 octants are
+#: (grid/2)^3 tokens.
+PRESETS: dict[str, ModelConfig] = {
+    # The published size: 34.0 M encoder values, 71.3 M with the decoder.
+    "base": ModelConfig(),
+    # CPU-friendly: 64^3 input (4^3 tokens), octants of 2^3 tokens, level-3 blocks upsampled x4.
+    "small": ModelConfig(
+        input_size=64, dims=(24, 48, 96, 192), vit_depth=6, vit_heads=6,
+        decoder_dim=192, decoder_depth=3, decoder_heads=6,
+    ),
+    # For tests: 32^3 input (2^3 tokens), octants of one token, level-3 blocks upsampled x2.
+    "tiny": ModelConfig(
+        input_size=32, dims=(6, 12, 24, 48), vit_depth=2, vit_heads=2,
+        decoder_dim=48, decoder_depth=1, decoder_heads=2,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a size name (``base``, ``small``, ``tiny``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise MimError(f"unknown ConvViT3D size {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimcore.models.convvit import gather_tokens
+from mimcore.models.convvit import ModelConfig, gather_tokens
 from mimcore.models.layers import VIT_LN_EPS, TransformerBlock, init_linears_published
 from mimcore.models.posembed import sincos_3d
-from mimcore.models.presets import ModelConfig
 
 
 class MaskedDecoder(nn.Module):

@@ -13,15 +13,27 @@ import torch
 from monai.networks.nets import UNETR
 
 from mimcore.errors import MimError
-from mimcore.models.vit import ViTConfig, get_vit_preset, use_sdpa
+from mimcore.models.vit import ViTConfig, use_sdpa
+from mimcore.models.vit import preset as vit_preset
 
 ARCHITECTURE_KIND = "unetr"
 FEATURE_SIZE = 16  # as published, for every size
 
 
 class UNETRSegNet(UNETR):
-    """MONAI ``UNETR`` (1 input channel) with the accessors the fine-tuning engine uses."""
+    """MONAI ``UNETR`` (1 input channel) with the accessors of a segmentation network
+    (:class:`mimcore.models.segnet.SegNet`).
 
+    Args:
+        cfg: the ViT size (:data:`mimcore.models.vit.PRESETS`): 12 blocks on 16^3 patches.
+        out_channels: output classes, the background included.
+        feature_size: UNETR's decoder width (16 as published).
+
+    Raises:
+        MimError: fewer than two output channels, or a ViT UNETR cannot tap.
+    """
+
+    kind = ARCHITECTURE_KIND
     head_prefix = "out."
 
     def __init__(self, cfg: ViTConfig, out_channels: int, feature_size: int = FEATURE_SIZE):
@@ -68,5 +80,5 @@ def build_unetr(architecture: dict, **options) -> UNETRSegNet:
     if unsupported:
         raise MimError(f"UNETR (MONAI) has no {', '.join(unsupported)}; leave those options out for ViT models")
     cfg = ViTConfig.from_dict(architecture["vit"]) if "vit" in architecture else \
-        get_vit_preset(architecture.get("preset") or "base")
+        vit_preset(architecture.get("preset") or "base")
     return UNETRSegNet(cfg, int(architecture["out_channels"]), int(architecture.get("feature_size") or FEATURE_SIZE))

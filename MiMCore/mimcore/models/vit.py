@@ -4,7 +4,7 @@
 tokens), width 768, 12 blocks, 12 heads, MLP 3072, learned position embedding, no class
 token, no qkv bias (the published code used MONAI's ``ViT`` with these settings).
 ``small`` and ``tiny`` keep the structure at CPU sizes, scaled like the ConvViT3D presets
-(:mod:`mimcore.models.presets`): input 64^3 / 32^3 (4^3 / 2^3 tokens) and width 192 / 48.
+(:data:`mimcore.models.convvit.PRESETS`): input 64^3 / 32^3 (4^3 / 2^3 tokens) and width 192 / 48.
 Every preset keeps 12 blocks because MONAI's ``UNETR`` (the fine-tuning network of ViT
 checkpoints) taps blocks 3, 6, 9 and 12 of a 12-block ViT.
 
@@ -52,18 +52,20 @@ class ViTConfig:
         return cls(**d)
 
 
-VIT_PRESETS: dict[str, ViTConfig] = {
+#: ViT sizes (every one keeps the 12 blocks UNETR taps).
+PRESETS: dict[str, ViTConfig] = {
     "base": ViTConfig(),  # ViT-B/16 on 16^3 patches: 88.4 M values
     "small": ViTConfig(input_size=64, hidden_size=192, mlp_dim=768, num_heads=6),
     "tiny": ViTConfig(input_size=32, hidden_size=48, mlp_dim=192, num_heads=2),
 }
 
 
-def get_vit_preset(name: str) -> ViTConfig:
+def preset(name: str) -> ViTConfig:
+    """The :class:`ViTConfig` of a size name (``base``, ``small``, ``tiny``)."""
     try:
-        return VIT_PRESETS[name]
+        return PRESETS[name]
     except KeyError:
-        raise MimError(f"unknown model size {name!r}; choose one of: {', '.join(VIT_PRESETS)}") from None
+        raise MimError(f"unknown ViT size {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 def use_sdpa(module: nn.Module) -> nn.Module:

@@ -3,8 +3,9 @@
 The network is MiMSegNet (ConvViT3D), UNETR (ViT) or SwinUNETR (Swin), following what it
 starts from (:mod:`mimcore.training.finetune_init`).
 
-DiceCE loss, AdamW (layer-wise lr decay optional) with warm-up + cosine, mixed precision
-on CUDA, DDP under ``torchrun``, exact resume from atomic checkpoints, validation every
+DiceCE loss, AdamW (layer-wise lr decay optional) with warm-up + cosine, and the training
+loop of :class:`mimcore.training.engine.Engine` (mixed precision on CUDA, DDP under
+``torchrun``, exact resume from atomic checkpoints); around it, validation every
 ``val_every`` steps by sliding-window inference with per-class Dice, the best model (or,
 with ``keep="last"``, the last validated one) kept as a model bundle (``<output>/model``),
 early stopping, TensorBoard, ``--progress json``
@@ -16,7 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,21 +27,20 @@ from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.optimizers import WarmupCosineSchedule
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimcore import __version__
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models import segnets
+from mimcore.models import segnet
 from mimcore.training import distributed
-from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
+from mimcore.training.engine import Engine, LossScaler, autocast_dtype, replay_schedule, weights_digest, wrap_ddp
 from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_crops, find_cases
 from mimcore.training.finetune_labels import resolve_labels
 from mimcore.training.finetune_init import build_network, param_groups
 from mimcore.training.finetune_plot import plot_curves
-from mimcore.training.logs import log_metrics, tensorboard_writer, truncate_metrics
-from mimcore.training.pretrain import autocast_dtype, weights_digest
+from mimcore.training.logs import tensorboard_writer, truncate_metrics
 from mimcore.training.pretrain_data import StepBatches, stream_seed
 from mimcore.training.progress import Progress
 
@@ -101,7 +100,7 @@ def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, 
              amp_dtype) -> np.ndarray:
     """Per-case, per-class Dice (n_cases, n_classes - 1); NaN where the class is absent from the reference."""
     net.eval()
-    window = WindowSegmenter(net, segnets.input_size(net), device, overlap, sw_batch, amp_dtype=amp_dtype)
+    window = WindowSegmenter(net, segnet.input_size(net), device, overlap, sw_batch, amp_dtype=amp_dtype)
     rows = []
     for i in range(len(cases)):
         case = cases[i]
@@ -135,8 +134,8 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     torch.manual_seed(args.seed)
     net, init_report, build_notes = build_network(args, preset, len(labels) + 1, labels, init_bundle)
     net = net.to(device)
-    roi = segnets.input_size(net)
-    kind = segnets.kind_of(net)
+    roi = segnet.input_size(net)
+    kind = segnet.kind_of(net)
     prep = {"orientation": "RAS", "spacing": list(args.spacing) if args.spacing else None,
             "hu_min": float(args.hu_window[0]), "hu_max": float(args.hu_window[1])}
     if init_bundle is not None and args.extra.get("prep_from_bundle", True):
@@ -149,7 +148,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     groups = param_groups(net, args.lr, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     amp_dtype = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = LossScaler(amp_dtype)
     per_rank = math.ceil(len(dataset) / dist_info.world)
     steps_per_epoch = max(1, math.ceil(per_rank / args.batch))
     if args.steps is None and args.epochs is None:
@@ -168,17 +167,12 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
                            "same --labels/--label-names and --steps/--epochs as the interrupted run")
         net.load_state_dict(weights)
         optimizer.load_state_dict(optim_state)
-        if scaler.is_enabled() and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
+        scaler.load_state_dict(meta.get("scaler"))
         start, best, best_step, stale = int(meta["step"]), meta["best_dice"], meta["best_step"], meta["stale"]
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(start):
-            scheduler.step()
+    replay_schedule(scheduler, start)
 
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=args.freeze_encoder) if dist_info.enabled else net
+    model = wrap_ddp(net, device, dist_info, find_unused_parameters=args.freeze_encoder)
     loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), args.batch, start * args.batch,
                                                            max(0, total - start), args.seed, dist_info.rank,
                                                            dist_info.world),
@@ -186,7 +180,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     names = [lab.name for lab in labels]
     bundle_desc = {
-        "name": args.name or run_dir.name, "architecture": segnets.describe(net, preset),
+        "name": args.name or run_dir.name, "architecture": segnet.describe(net, preset),
         "labels": [lab.to_dict() for lab in labels], "preprocessing": prep,
         "inference": {"roi_size": [roi] * 3, "overlap": args.overlap, "sw_batch_size": args.sw_batch,
                       "mode": "gaussian", "tta_flips": False, "keep_largest": False},
@@ -210,12 +204,11 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
             + build_notes + ([val_note] if val_note else []):
         report.event("note", message=note)
 
-    def save(step: int, metrics: dict) -> None:
-        if dist_info.is_main:
-            meta = dict(meta_base, metrics=metrics, best_dice=best, best_step=best_step, stale=stale,
-                        scaler=scaler.state_dict() if scaler.is_enabled() else None)
-            path = save_checkpoint(run_dir, step, net, meta, optimizer, fmt=FORMAT)
-            report.event("checkpoint", path=str(path), step=step)
+    engine = Engine(net, model, optimizer, scheduler, scaler, device, amp_dtype, dist_info, report, run_dir,
+                    checkpoint_meta=lambda metrics: dict(meta_base, metrics=metrics, best_dice=best,
+                                                         best_step=best_step, stale=stale),
+                    metrics_path=metrics_path, writer=writer, fmt=FORMAT, log_tag="finetune/train",
+                    clip_grad=args.clip_grad, lr_group=-1, save_every=args.save_every)
 
     def save_bundle_now(step: int, dice: float | None, per_class: dict) -> None:
         from mimcore.bundles.bundle import save_bundle
@@ -229,75 +222,49 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
             "args": _jsonable(asdict(args))})
         save_bundle(run_dir / "model", {k: v.detach().cpu() for k, v in net.state_dict().items()}, desc)
 
-    step, metrics, it, stop = start, {}, iter(loader), False
-    model.train()
-    try:
-        while step < total and not stop:
-            torch.manual_seed(stream_seed(args.seed, step, dist_info.rank))  # drop-path: same draws on resume
-            image, label = next(it)
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(image)
-            loss = loss_fn(logits.float(), label)
-            scaler.scale(loss).backward()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise MimError(f"the loss became {loss_value} at step {step + 1}; lower the learning rate "
-                               "(--lr) or enable clipping (--clip-grad 1.0), then --resume")
-            metrics = {"loss": loss_value}
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            metrics["lr"] = optimizer.param_groups[-1]["lr"]
-            scheduler.step()
-            step += 1
-            metrics = {k: float(f"{v:.6g}") for k, v in metrics.items()}
-            if dist_info.is_main:
-                log_metrics(metrics_path, writer, step, metrics, tag="finetune/train")
-            if step % val_every == 0 or step == total:
-                flag = torch.zeros(1)
-                if dist_info.is_main:
-                    dice = validate(net, val_cache, segnets.out_channels(net), device, args.overlap, args.sw_batch,
-                                    amp_dtype)
-                    mean_class = _nanmean_rows(dice)
-                    per_class = {n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(names, mean_class)}
-                    score = float(np.nanmean(mean_class)) if np.isfinite(mean_class).any() else 0.0
-                    improved = score > best
-                    if improved:
-                        best, best_step, stale = score, step, 0
-                    else:
-                        stale += 1
-                    if improved if args.keep == "best" else True:
-                        save_bundle_now(step, score, per_class)
-                    record = {"step": step, "dice": round(score, 4), "per_class": per_class,
-                              "best_dice": round(best, 4), "best_step": best_step}
-                    with open(val_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        writer.add_scalar("finetune/val/dice", score, step)
-                    metrics["dice"] = round(score, 4)
-                    report.event("validation", **record)
-                    if args.early_stop and stale >= args.early_stop:
-                        report.event("note", message=f"early stop at step {step}: no better Dice in "
-                                                     f"{stale} validations (best {best:.4f} at step {best_step})")
-                        flag[0] = 1
-                if dist_info.enabled:
-                    dist.broadcast(flag, src=0)
-                stop = bool(flag[0])
-            report.update(step, metrics)
-            if args.save_every and step % args.save_every == 0 and step < total and not stop:
-                save(step, metrics)
-    except KeyboardInterrupt:
-        if step > start:
-            save(step, metrics)
-        raise
-    save(step, metrics)
-    report.close()
-    if writer is not None:
-        writer.close()
+    def seed_step(step: int) -> None:
+        torch.manual_seed(stream_seed(args.seed, step, dist_info.rank))  # drop-path: same draws on resume
+
+    def dice_ce(logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        return {"loss": loss_fn(logits.float(), batch[1])}
+
+    def validate_every(step: int, metrics: dict) -> bool:
+        """Every ``val_every`` steps and at the end: validate (rank 0), keep the bundle, adds
+        ``dice`` to the metrics; True to stop early (told to every rank)."""
+        nonlocal best, best_step, stale
+        if not (step % val_every == 0 or step == total):
+            return False
+        flag = torch.zeros(1)
+        if dist_info.is_main:
+            dice = validate(net, val_cache, segnet.out_channels(net), device, args.overlap, args.sw_batch, amp_dtype)
+            mean_class = _nanmean_rows(dice)
+            per_class = {n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(names, mean_class)}
+            score = float(np.nanmean(mean_class)) if np.isfinite(mean_class).any() else 0.0
+            improved = score > best
+            if improved:
+                best, best_step, stale = score, step, 0
+            else:
+                stale += 1
+            if improved if args.keep == "best" else True:
+                save_bundle_now(step, score, per_class)
+            record = {"step": step, "dice": round(score, 4), "per_class": per_class,
+                      "best_dice": round(best, 4), "best_step": best_step}
+            with open(val_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                writer.add_scalar("finetune/val/dice", score, step)
+            metrics["dice"] = round(score, 4)
+            report.event("validation", **record)
+            if args.early_stop and stale >= args.early_stop:
+                report.event("note", message=f"early stop at step {step}: no better Dice in "
+                                             f"{stale} validations (best {best:.4f} at step {best_step})")
+                flag[0] = 1
+        if dist_info.enabled:
+            dist.broadcast(flag, src=0)
+        return bool(flag[0])
+
+    step, metrics, stop = engine.run(start, total, iter(loader), lambda model, batch, step, micro: model(batch[0]),
+                                     loss=dice_ce, before_step=seed_step, after_step=validate_every)
     summary = {"step": step, "total": total, "metrics": metrics, "best_dice": best, "best_step": best_step,
                "kept": args.keep,
                "weights_sha256": weights_digest(net), "output": str(run_dir), "rank": dist_info.rank,
@@ -306,14 +273,12 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
         summary["model"] = str(run_dir / "model")
         summary["checkpoint"] = str(find_checkpoint(run_dir))
         summary["curves"] = str(plot_curves(metrics_path, val_path, run_dir / "curves.png"))
-    if args.progress == "json":
-        print(json.dumps({"event": "done", **summary}), flush=True)
-    return summary
+    return engine.done(summary)
 
 
 def _init_preset(init: str | None) -> str | None:
     """The size of a pre-training checkpoint given as ``--init`` (so --preset may be left out)."""
-    from mimcore.models.encoder_init import source_kind
+    from mimcore.training.encoder_init import source_kind
 
     if not init or source_kind(init) != "pretrain":
         return None

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from mimcore.data.datalist import datalist_entries, read_datalist, volumes_from_folder
 from mimcore.data.labels import RemapLabelsd, labels_from_json
 from mimcore.data.transforms import LoadVolumed
+from mimcore.data.volume_io import volume_stem
 from mimcore.errors import MimError, user_error_in
 
 KEYS = ("image", "label")
@@ -129,10 +130,7 @@ def find_cases(datalist: str | None, image_dir: str | None, label_dir: str | Non
 
 
 def _case_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    name = volume_stem(path.name, seg=True)
     for tail in ("_0000", "_seg", "_label", "_labels", "_ct", "_image"):
         if name.endswith(tail):
             name = name[: -len(tail)]

@@ -16,8 +16,8 @@ from torch import nn
 from mimcore.data.labels import Label
 from mimcore.errors import MimError
 from mimcore.methods.registry import ALL_BACKBONES, SEGMENTATION_KIND, checkpoint_method
-from mimcore.models import segnets
-from mimcore.models.encoder_init import (InitReport, check_report, init_from_bundle_weights, init_from_official,
+from mimcore.models import segnet
+from mimcore.training.encoder_init import (InitReport, check_report, init_from_bundle_weights, init_from_official,
                                          init_from_pretrain, source_kind)
 
 
@@ -40,7 +40,7 @@ def new_architecture(backbone: str, preset: str, out_channels: int) -> dict:
         raise MimError(f"unknown backbone {backbone!r}; choose one of: {', '.join(ALL_BACKBONES)}")
     kind = SEGMENTATION_KIND[backbone]
     if kind == "swinunetr":
-        return segnets.swin_architecture(preset, out_channels)
+        return segnet.swin_architecture(preset, out_channels)
     return {"kind": kind, "preset": preset, "out_channels": out_channels}
 
 
@@ -74,7 +74,7 @@ def build_network(args, preset: str, out_channels: int, labels: list[Label],
         if backbone and SEGMENTATION_KIND.get(backbone) != arch.get("kind"):
             raise MimError(f"the bundle {bundle.path} is a {arch.get('kind')!r} network, not one for "
                            f"--backbone {backbone}; leave --backbone out when starting from a bundle")
-        net = segnets.build(arch, **_options(arch.get("kind"), args, notes))
+        net = segnet.build(arch, **_options(arch.get("kind"), args, notes))
         same = [(lab["value"], lab["name"]) for lab in bundle.labels] == [(lab.value, lab.name) for lab in labels]
         report = check_report(init_from_bundle_weights(net, bundle.state_dict(), str(bundle.path), same))
     else:
@@ -85,7 +85,7 @@ def build_network(args, preset: str, out_channels: int, labels: list[Label],
             raise MimError(f"--init {args.init} holds a pre-trained {trained} encoder; it cannot start a "
                            f"--backbone {backbone} network (leave --backbone out)")
         arch = new_architecture(trained or backbone or "convvit", preset, out_channels)
-        net = segnets.build(arch, **_options(arch["kind"], args, notes))
+        net = segnet.build(arch, **_options(arch["kind"], args, notes))
         report = None
         if args.init:
             report = check_report(init_from_official(net, args.init) if kind_of_init == "official"
@@ -93,7 +93,7 @@ def build_network(args, preset: str, out_channels: int, labels: list[Label],
     if args.freeze_encoder:
         if report is None:
             raise MimError("--freeze-encoder keeps the encoder as it is: give the pre-trained weights with --init")
-        for p in segnets.encoder_parameters(net):
+        for p in segnet.encoder_parameters(net):
             p.requires_grad_(False)
     return net, report, notes
 
@@ -104,10 +104,10 @@ def param_groups(net: nn.Module, lr: float, weight_decay: float, layer_decay: fl
     no decay (biases, norms, position embeddings) at one learning rate."""
     from mimcore.training.optim import NO_DECAY_NAMES, finetune_param_groups
 
-    if segnets.kind_of(net) == "mim-seg":
+    if segnet.kind_of(net) == "mim-seg":
         return finetune_param_groups(net, lr, weight_decay, layer_decay)
     if layer_decay != 1.0:
-        raise MimError(f"--layer-decay is implemented for the MiM network only, not for {segnets.kind_of(net)}")
+        raise MimError(f"--layer-decay is implemented for the MiM network only, not for {segnet.kind_of(net)}")
     decay, no_decay = [], []
     for name, p in net.named_parameters():
         if not p.requires_grad:

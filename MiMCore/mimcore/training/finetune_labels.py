@@ -17,7 +17,7 @@ from mimcore.training.finetune_data import label_table
 
 def resolve_labels(args) -> tuple[list[Label], dict[int, int], object | None]:
     """-> (labels of the model, {value in the label maps: model value}, the init bundle or None)."""
-    from mimcore.models.encoder_init import source_kind
+    from mimcore.training.encoder_init import source_kind
 
     bundle = None
     if args.init and source_kind(args.init) == "bundle":

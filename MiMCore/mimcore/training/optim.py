@@ -61,7 +61,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
 
 
 def encoder_layer_id(name: str, vit_depth: int) -> int:
-    """Depth of a parameter of :class:`~mimcore.models.segnet.MiMSegNet` for layer-wise lr decay.
+    """Depth of a parameter of :class:`~mimcore.models.mim_segnet.MiMSegNet` for layer-wise lr decay.
 
     0 = stage 1 (patch embed + conv blocks), 1, 2 = stages 2, 3, 3 = token embedding,
     4 .. 3 + vit_depth = transformer blocks, 4 + vit_depth = the encoder's skips and final

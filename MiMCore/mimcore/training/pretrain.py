@@ -1,7 +1,8 @@
 """The pre-training engine: one function, :func:`run_pretrain`, used by ``mim pretrain``.
 
 The method (MiM, MAE, SimMIM, GMIM) and its backbone come from
-:mod:`mimcore.methods.registry`; the loop is the same for all of them. Per optimizer
+:mod:`mimcore.methods.registry`; the loop is the same for all of them, and for fine-tuning
+(:class:`mimcore.training.engine.Engine`; this module supplies the model, crops and seeds). Per optimizer
 step: ``accum`` micro-batches of ``batch`` crops per process, each through the method's
 ``forward(crop, generator)`` (the three levels for MiM); AdamW with warm-up + cosine;
 mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler);
@@ -15,18 +16,14 @@ Every optimisation and data setting left unset (None) takes the method's publish
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimcore.data.preprocess import Preprocessing
@@ -34,10 +31,12 @@ from mimcore.errors import MimError
 from mimcore.methods.recipes import recipe
 from mimcore.methods.registry import METHOD_NAMES, build_pretrain_model, checkpoint_method, resolve_backbone
 from mimcore.training import distributed
-from mimcore.training.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
+from mimcore.training.engine import (Engine, LossScaler, autocast_dtype, replay_schedule,  # noqa: F401 (re-exported)
+                                     weights_digest, wrap_ddp)
 from mimcore.training.optim import make_optimizer, scaled_lr, warmup_cosine
 from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
-from mimcore.training.logs import log_metrics, tensorboard_writer, truncate_metrics
+from mimcore.training.logs import tensorboard_writer, truncate_metrics
 from mimcore.training.progress import Progress
 
 
@@ -86,26 +85,6 @@ class PretrainArgs:
     method: str = "mim"
     backbone: str | None = None  # None: the method's default (registry.DEFAULT_BACKBONE)
     method_config: dict = field(default_factory=dict)  # settings of the method (--method-config)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None for fp32; bf16 where the GPU supports it, else fp16, for ``auto`` on CUDA."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise MimError(f"--precision {precision} is for CUDA GPUs; on the CPU train in fp32 (--precision fp32 or auto)")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, in state-dict order (bitwise equality check)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def resolve_settings(args: PretrainArgs) -> PretrainArgs:
@@ -217,7 +196,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     lr, lr_rule = choose_lr(args, eff_batch)
     optimizer = make_optimizer(model, lr, args.weight_decay, args.betas, recipe(args.method).decay_exempt)
     amp_dtype = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = LossScaler(amp_dtype)
 
     start = 0
     if resume_from is not None:  # checked before the volumes are loaded and cached (minutes for many)
@@ -232,8 +211,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
             raise MimError(f"{resume_from} holds optimizer state that does not fit this run's parameter groups "
                            f"({err}); it was made by another mimcore version or other method settings. Resume "
                            "with the version that made it, or start a new run in another --output folder") from None
-        if scaler.is_enabled() and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
+        scaler.load_state_dict(meta.get("scaler"))
         start = int(meta["step"])
 
     dataset = RandomCrops(volumes, crop_size, prep)
@@ -241,13 +219,9 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     steps_per_epoch = max(1, math.ceil(per_rank / (args.batch * args.accum)))
     total, warmup = _schedule_steps(args, steps_per_epoch)
     scheduler = warmup_cosine(optimizer, warmup, total, floor=args.min_lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(start):
-            scheduler.step()
+    replay_schedule(scheduler, start)
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist_info.enabled else model
+    net = wrap_ddp(model, device, dist_info)
     n_micro = max(0, total - start) * args.accum
     loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), args.batch, start * args.accum * args.batch,
                                                            n_micro, args.seed, dist_info.rank, dist_info.world,
@@ -272,61 +246,23 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     if resume_from is not None:
         report.event("resume", path=str(resume_from), step=start)
 
-    def save(step: int, metrics: dict) -> None:
-        if dist_info.is_main:
-            meta = dict(meta_base, metrics=metrics, scaler=scaler.state_dict() if scaler.is_enabled() else None)
-            path = save_checkpoint(run_dir, step, model, meta, optimizer)
-            report.event("checkpoint", path=str(path), step=step)
+    engine = Engine(model, net, optimizer, scheduler, scaler, device, amp_dtype, dist_info, report, run_dir,
+                    checkpoint_meta=lambda metrics: dict(meta_base, metrics=metrics), metrics_path=metrics_path,
+                    writer=writer, accum=args.accum, clip_grad=args.clip_grad, log_every=args.log_every,
+                    save_every=args.save_every)
 
-    step, metrics, it = start, {}, iter(loader)
-    model.train()
-    try:
-        while step < total:
-            sums: dict[str, float] = {}
-            for micro in range(args.accum):
-                crop = next(it).to(device, non_blocking=True)
-                gen = torch.Generator().manual_seed(stream_seed(args.seed, step * args.accum + micro, dist_info.rank))
-                sync = contextlib.nullcontext() if (not dist_info.enabled or micro == args.accum - 1) else net.no_sync()
-                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = net(crop, gen)
-                scaler.scale(out["loss"] / args.accum).backward()
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / args.accum
-            if not math.isfinite(sums["loss"]):
-                raise MimError(f"the loss became {sums['loss']} at step {step + 1}; lower the learning rate "
-                               "(--lr) or enable clipping (--clip-grad 1.0), then --resume")
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            sums["lr"] = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            metrics = {k: float(f"{v:.6g}") for k, v in sums.items()}
-            if dist_info.is_main:
-                log_metrics(metrics_path, writer, step, metrics)
-            if step % max(1, args.log_every) == 0 or step == total:
-                report.update(step, metrics)
-            if args.save_every and step % args.save_every == 0 and step < total:
-                save(step, metrics)
-    except KeyboardInterrupt:
-        if step > start:
-            save(step, metrics)
-        raise
-    save(step, metrics)
-    report.close()
-    if writer is not None:
-        writer.close()
+    def forward(net: torch.nn.Module, crop: torch.Tensor, step: int, micro: int) -> dict:
+        """The method's losses on one micro-batch, its masks drawn from this micro-batch's own seed."""
+        gen = torch.Generator().manual_seed(stream_seed(args.seed, step * args.accum + micro, dist_info.rank))
+        return net(crop, gen)
+
+    step, metrics, _ = engine.run(start, total, iter(loader), forward)
     summary = {"step": step, "total": total, "metrics": metrics, "rank": dist_info.rank,
                "weights_sha256": weights_digest(model), "output": str(run_dir)}
     if dist_info.is_main:
         summary["checkpoint"] = str(find_checkpoint(run_dir))
         summary["loss_curve"] = str(plot_loss_curve(metrics_path, run_dir / "loss_curve.png"))
-    if args.progress == "json":  # every rank reports, so DDP runs can be compared
-        print(json.dumps({"event": "done", **summary}), flush=True)
-    return summary
+    return engine.done(summary)  # every rank reports, so DDP runs can be compared
 
 
 def plot_loss_curve(metrics_path: Path, png: Path) -> Path:

@@ -1,19 +1,15 @@
 """Progress reporting: a tqdm bar for people, or one JSON event per line for GUIs.
 
-Events (``--progress json``), the protocol the Slicer module reads::
-
-    {"event": "start", ...}
-    {"event": "progress", "stage": "pretrain", "step": 3, "total": 100, "eta_s": 41.2, "metrics": {...}}
-    {"event": "checkpoint", "path": "..."}
-    {"event": "done", ...}
-    {"event": "error", "message": "..."}
+The JSON events (``--progress json``) are the protocol of :mod:`mimcore.events`, which
+writes them; this class decides when, and draws the bar otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+
+from mimcore import events
 
 
 class Progress:
@@ -21,6 +17,7 @@ class Progress:
 
     def __init__(self, stage: str, total: int, mode: str = "bar", start: int = 0, enabled: bool = True):
         self.stage, self.total, self.mode = stage, total, mode if enabled else "none"
+        self.requested = mode  # the mode asked for, also on the ranks that do not report (see done)
         self.start_step = start
         self.t0 = time.perf_counter()
         self.bar = None
@@ -36,7 +33,7 @@ class Progress:
 
     def event(self, event: str, **fields) -> None:
         if self.mode == "json":
-            print(json.dumps({"event": event, **fields}), flush=True)
+            events.emit(event, **fields)
         elif self.mode == "bar" and event not in ("progress",):
             msg = fields.get("message") or fields.get("path") or ""
             self.bar.write(f"{event}: {msg}" if msg else event, file=sys.stderr)
@@ -49,6 +46,11 @@ class Progress:
         elif self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")}, refresh=False)
+
+    def done(self, summary: dict) -> None:
+        """The ``done`` event, sent in json mode by every DDP rank (so that runs can be compared)."""
+        if self.requested == "json":
+            events.emit("done", **summary)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -2,7 +2,7 @@
 
 The published pre-training model (ConvMAE-style, ``base`` size) stores its weights as a
 ``.pth`` file holding ``{"model": state_dict}``; the parameter names and shapes are
-listed in ``shared/reference/mim_official_pretrain_state_dict_shapes.json``. Our
+listed in ``Testing/core/data/mim_official_pretrain_state_dict_shapes.json``. Our
 modules are named differently and our 1x1x1 convolutions are ``nn.Linear`` layers, so
 the import goes through an explicit name mapping, :data:`NAME_RULES`:
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from mimcore.errors import MimError
-from mimcore.models.segnet import MiMSegNet
+from mimcore.models.checkpoint import find_checkpoint, read_checkpoint
+from mimcore.models.mim_segnet import MiMSegNet
+from mimcore.models.segnet import head_prefix, kind_of
 
 
 @dataclass
@@ -84,8 +86,6 @@ def init_from_pretrain(net: torch.nn.Module, path: str | Path) -> InitReport:
     ``swinViT.*`` of a SwinUNETR (Swin, through :func:`mimcore.models.swin.swin_encoder_state`).
     The pre-training decoder and heads are expected to go and are not reported as unused."""
     from mimcore.methods.registry import METHOD_NAMES, SEGMENTATION_KIND, checkpoint_method
-    from mimcore.models.segnets import kind_of
-    from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
 
     json_path = find_checkpoint(Path(path))
     meta, weights, _ = read_checkpoint(json_path)
@@ -110,7 +110,7 @@ def init_from_pretrain(net: torch.nn.Module, path: str | Path) -> InitReport:
 
 def init_from_official(net: MiMSegNet, path: str | Path) -> InitReport:
     """An authors' MiM pre-training ``.pth`` into ``net.encoder`` (name mapping of :mod:`official`)."""
-    from mimcore.models.official import import_official
+    from mimcore.methods.mim_official import import_official
 
     rep = import_official(net.encoder, path, strict_encoder=True)
     report = InitReport("authors' checkpoint", str(path), loaded=["encoder." + n for n in rep.loaded],
@@ -122,8 +122,6 @@ def init_from_official(net: MiMSegNet, path: str | Path) -> InitReport:
 def init_from_bundle_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
                              same_labels: bool) -> InitReport:
     """A segmentation bundle's weights; the output head only when the label set is the same."""
-    from mimcore.models.segnets import head_prefix
-
     report = InitReport("segmentation bundle", path)
     if not same_labels:
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix(net))}

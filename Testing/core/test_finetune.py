@@ -164,3 +164,28 @@ def test_init_from_a_pretraining_run_takes_its_size(tmp_path, cases, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "pre-training checkpoint" in out
     assert load_bundle(tmp_path / "ft" / "model").description["architecture"]["preset"] == "tiny"
+
+
+@pytest.mark.parametrize("spacing", [("0", "1", "1"), ("-1", "1", "1")])
+def test_a_spacing_that_is_not_positive_is_refused(tmp_path, cases, capsys, spacing):
+    """Fine-tuning validates its preprocessing with the description pre-training and segmentation
+    use (data.preprocess.Preprocessing): no run, no bundle with a zero or negative spacing."""
+    rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
+               "--label-names", "1:liver,2:spleen", "--preset", "tiny", "--spacing", *spacing, "--steps", "1",
+               "--output", str(tmp_path / "run"), "--progress", "none", "--no-tensorboard", "--device", "cpu"])
+    assert rc == 2
+    assert "is not three positive sizes in mm" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("**/model.json"))
+
+
+def test_one_preprocessing_description_round_trips():
+    from mimcore.data.preprocess import Preprocessing
+    from mimcore.errors import MimError
+
+    p = Preprocessing(hu_min=-175, hu_max=250, spacing=(1.5, 1.5, 2.0))
+    assert Preprocessing.from_dict(p.to_dict()) == p and Preprocessing.from_dict(p) is p
+    old_bundle = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "hu_min": -175.0, "hu_max": 250.0}
+    assert Preprocessing.from_dict(old_bundle) == p  # bundles written before crop_foreground existed
+    assert Preprocessing.from_dict({"hu_min": -1000, "hu_max": 1000}).spacing is None
+    with pytest.raises(MimError, match="lacks hu_max"):
+        Preprocessing.from_dict({"hu_min": 0})

@@ -51,6 +51,20 @@ class Preprocessing:
             d["spacing"] = list(d["spacing"])
         return d
 
+    @classmethod
+    def from_dict(cls, d: "dict | Preprocessing") -> "Preprocessing":
+        """The description a checkpoint or a model bundle's ``preprocessing`` holds (keys
+        not named by a field are ignored; a missing ``orientation`` is RAS). Validated."""
+        if isinstance(d, Preprocessing):
+            return d
+        missing = [k for k in ("hu_min", "hu_max") if d.get(k) is None]
+        if missing:
+            raise MimError(f"preprocessing {d!r} lacks {', '.join(missing)} (the HU window in HU); the model or "
+                           "checkpoint is incomplete: re-export it, or fine-tune again")
+        spacing = d.get("spacing")
+        return cls(hu_min=float(d["hu_min"]), hu_max=float(d["hu_max"]), orientation=d.get("orientation") or "RAS",
+                   spacing=tuple(spacing) if spacing else None, crop_foreground=bool(d.get("crop_foreground")))
+
 
 def deterministic_transforms(crop_size: int, prep: Preprocessing = Preprocessing()) -> Compose:
     """{"image": path} -> {"image": MetaTensor (1, X', Y', Z') in [0, 1], every side >= crop_size}.

@@ -20,6 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import KeepLargestConnectedComponent, Orientation, ScaleIntensityRange, Spacing
 
+from mimcore.data.preprocess import Preprocessing
 from mimcore.data.regrid import labels_to_grid
 from mimcore.data.transforms import volume_to_metatensor
 from mimcore.data.volume_io import Volume
@@ -31,17 +32,19 @@ from mimcore.models import segnet
 INFERENCE_DEFAULTS = {"overlap": 0.5, "sw_batch_size": 2, "tta_flips": False, "keep_largest": False}
 
 
-def preprocess(vol: Volume, prep: dict, lazy: bool = False) -> MetaTensor:
+def preprocess(vol: Volume, prep: "Preprocessing | dict", lazy: bool = False) -> MetaTensor:
     """Volume -> (1, X', Y', Z') float32 MetaTensor in [0, 1] at the model's orientation/spacing
-    (its ``affine`` says where it lies). ``lazy``: only the pending geometry, nothing resampled
+    (its ``affine`` says where it lies), as ``prep`` (a :class:`Preprocessing` or a bundle's
+    dict) describes. ``lazy``: only the pending geometry, nothing resampled
     (``peek_pending_shape()`` is the shape the full call returns)."""
+    prep = Preprocessing.from_dict(prep)
     img = volume_to_metatensor(vol)
-    img = Orientation(axcodes=prep.get("orientation", "RAS"), labels=None, lazy=lazy)(img)
-    if prep.get("spacing"):
-        img = Spacing(pixdim=prep["spacing"], mode="bilinear", lazy=lazy)(img)
+    img = Orientation(axcodes=prep.orientation, labels=None, lazy=lazy)(img)
+    if prep.spacing:
+        img = Spacing(pixdim=prep.spacing, mode="bilinear", lazy=lazy)(img)
     if lazy:
         return img
-    return ScaleIntensityRange(a_min=prep["hu_min"], a_max=prep["hu_max"], b_min=0.0, b_max=1.0, clip=True)(img)
+    return ScaleIntensityRange(a_min=prep.hu_min, a_max=prep.hu_max, b_min=0.0, b_max=1.0, clip=True)(img)
 
 
 class Segmenter:
@@ -69,7 +72,8 @@ class Segmenter:
             raise MimError(f"overlap must be in [0, 1), got {settings['overlap']}")
         if int(settings["sw_batch_size"]) < 1:
             raise MimError(f"the window batch must be at least 1, got {settings['sw_batch_size']}")
-        self.settings, self.prep, self.labels = settings, desc["preprocessing"], bundle.labels
+        self.settings, self.labels = settings, bundle.labels
+        self.prep = Preprocessing.from_dict(desc["preprocessing"])
         self.device = resolve_device(device)
         self.net = segnet.build(desc["architecture"])  # MiMSegNet, UNETR or SwinUNETR
         missing, unexpected = self.net.load_state_dict(bundle.state_dict(), strict=False)

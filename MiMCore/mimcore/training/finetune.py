@@ -30,6 +30,7 @@ from monai.optimizers import WarmupCosineSchedule
 from torch.utils.data import DataLoader
 
 from mimcore import __version__
+from mimcore.data.preprocess import Preprocessing
 from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models import segnet
@@ -136,10 +137,12 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     net = net.to(device)
     roi = segnet.input_size(net)
     kind = segnet.kind_of(net)
-    prep = {"orientation": "RAS", "spacing": list(args.spacing) if args.spacing else None,
-            "hu_min": float(args.hu_window[0]), "hu_max": float(args.hu_window[1])}
     if init_bundle is not None and args.extra.get("prep_from_bundle", True):
         prep = dict(init_bundle.description["preprocessing"])
+        Preprocessing.from_dict(prep)  # validated; kept as the bundle has it
+    else:  # one description for pre-training, fine-tuning and segmentation (validated)
+        prep = Preprocessing(hu_min=float(args.hu_window[0]), hu_max=float(args.hu_window[1]),
+                             spacing=tuple(args.spacing) if args.spacing else None).to_dict()
 
     train_cache = cached_cases(train_cases, mapping, prep, roi)
     val_cache = train_cache if val_cases is train_cases else cached_cases(val_cases, mapping, prep, roi)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from mimcore.data.datalist import datalist_entries, read_datalist, volumes_from_folder
 from mimcore.data.labels import RemapLabelsd, labels_from_json
+from mimcore.data.preprocess import Preprocessing
 from mimcore.data.transforms import LoadVolumed
 from mimcore.data.volume_io import volume_stem
 from mimcore.errors import MimError, user_error_in
@@ -34,15 +35,19 @@ from mimcore.errors import MimError, user_error_in
 KEYS = ("image", "label")
 
 
-def case_transforms(mapping: dict[int, int], prep: dict, roi: int) -> Compose:
+def case_transforms(mapping: dict[int, int], prep: "dict | Preprocessing", roi: int) -> Compose:
     """{"image": path, "label": path} -> image (1, X, Y, Z) float in [0, 1], label (1, X, Y, Z)
-    with values 0..n, at ``prep["spacing"]`` in RAS, every side >= ``roi``."""
+    with values 0..n, at the spacing of ``prep`` (a :class:`Preprocessing` or its dict) in RAS,
+    every side >= ``roi``."""
+    prep = Preprocessing.from_dict(prep)
+    if prep.spacing is None:
+        raise MimError("fine-tuning resamples every case to the model's spacing; give --spacing X Y Z (mm)")
     return Compose([
         LoadVolumed(keys=KEYS),
         RemapLabelsd(keys="label", mapping=mapping),
-        Orientationd(keys=KEYS, axcodes=prep.get("orientation", "RAS"), labels=None),
-        Spacingd(keys=KEYS, pixdim=prep["spacing"], mode=("bilinear", "nearest")),
-        ScaleIntensityRanged(keys="image", a_min=prep["hu_min"], a_max=prep["hu_max"], b_min=0.0, b_max=1.0,
+        Orientationd(keys=KEYS, axcodes=prep.orientation, labels=None),
+        Spacingd(keys=KEYS, pixdim=prep.spacing, mode=("bilinear", "nearest")),
+        ScaleIntensityRanged(keys="image", a_min=prep.hu_min, a_max=prep.hu_max, b_min=0.0, b_max=1.0,
                              clip=True),
         SpatialPadd(keys=KEYS, spatial_size=(roi,) * 3, mode="constant", value=0),
         EnsureTyped(keys="image", dtype=torch.float32),

@@ -104,6 +104,7 @@ def test_learning_rate_rule():
     assert lr("mim", 128)[0] == pytest.approx(2e-4)
     value, rule = lr("mim", 8)  # fewer crops per step: linear scaling, said in words
     assert value == pytest.approx(2e-4 * 8 / 128) and "8 crops per step / 128" in rule and "scaled" in rule
+    assert "give --lr" in rule and "give --lr" not in lr("mim", 128)[1]  # a hint only where it was scaled down
     assert lr("mae", 1)[0] == 3e-4 and lr("mae", 64)[0] == 3e-4  # not scaled, as published
     assert lr("simmim", 16)[0] == 1e-4 and lr("gmim", 2)[0] == 4e-4
     assert lr("mim", 8, lr=1e-3)[0] == 1e-3  # --lr alone: as given

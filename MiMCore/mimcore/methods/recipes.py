@@ -75,8 +75,9 @@ class Recipe:
         if self.lr_batch:
             if crops_per_step == self.lr_batch:
                 return f"lr {lr:.3g}: {name}'s published lr at its {self.lr_batch} crops per step"
+            hint = "; for a short run give --lr (make demo uses 3e-4)" if crops_per_step < self.lr_batch else ""
             return (f"lr {lr:.3g} = {self.lr:g} x {crops_per_step} crops per step / {self.lr_batch} "
-                    f"({name}'s published lr at {self.lr_batch} crops per step, scaled linearly)")
+                    f"({name}'s published lr at {self.lr_batch} crops per step, scaled linearly{hint})")
         return (f"lr {lr:.3g}: {name}'s published lr, used as published at any batch "
                 f"(published: {self.effective_batch} crops per step)")
 

@@ -154,7 +154,7 @@ def test_init_from_a_pretraining_run_takes_its_size(tmp_path, cases, capsys):
     from mimcore.methods.mim import MiMPretrainModel
     from mimcore.methods.mim import MiMConfig
     from mimcore.models.convvit import preset as convvit_preset
-    from mimcore.training.checkpoint import save_checkpoint
+    from mimcore.models.checkpoint import save_checkpoint
 
     tiny = convvit_preset("tiny")
     save_checkpoint(tmp_path / "pre", 1, MiMPretrainModel(tiny, MiMConfig()), {"preset": "tiny", "model": tiny.to_dict()})

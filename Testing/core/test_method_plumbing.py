@@ -15,7 +15,7 @@ from mimcore.cli.main import main
 from mimcore.data.volume_io import load_volume, save_volume
 from mimcore.errors import MimError
 from mimcore.methods import registry
-from mimcore.training.checkpoint import save_checkpoint
+from mimcore.models.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_models_use_the_published_embedding():
 def test_checkpoints_keep_their_stored_embedding(tmp_path):
     """A checkpoint written with the earlier column order keeps it (its weights were trained with it)."""
     from mimcore.methods.registry import load_pretrain_checkpoint as load_pretrained
-    from mimcore.training.checkpoint import save_checkpoint
+    from mimcore.models.checkpoint import save_checkpoint
 
     mc = convvit_preset("tiny")
     torch.manual_seed(0)

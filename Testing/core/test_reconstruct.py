@@ -25,7 +25,7 @@ from mimcore.data.volume_io import load_volume, save_volume
 from mimcore.methods.mim import MiMPretrainModel
 from mimcore.methods.mim import MiMConfig
 from mimcore.models.convvit import preset as convvit_preset
-from mimcore.training.checkpoint import save_checkpoint
+from mimcore.models.checkpoint import save_checkpoint
 
 CFG = convvit_preset("tiny")  # input 32^3, crop 64^3, grid 2, level-3 blocks upsampled x2
 SHAPE = (70, 66, 72)

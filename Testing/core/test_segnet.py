@@ -15,7 +15,7 @@ from mimcore.methods.mim import MiMConfig
 from mimcore.models.convvit import preset as convvit_preset
 from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 from mimcore.models.segnet import build_segnet
-from mimcore.training.checkpoint import save_checkpoint
+from mimcore.models.checkpoint import save_checkpoint
 from mimcore.training.optim import encoder_layer_id, finetune_param_groups
 
 TINY = convvit_preset("tiny")

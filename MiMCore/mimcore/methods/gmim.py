@@ -46,7 +46,7 @@ the decoder (5 x conv + InstanceNorm + LeakyReLU + 2x upsample, then a 1^3 conv)
 768 -> 512; the per-image, unstandardised cross-correlation with lambda 0.005 averaged
 over images; total 0.005 * cross-correlation + reconstruction; the augmentations and
 their parameters (``RandGaussianNoise`` as MONAI has always drawn it: each call's std
-from U(0, 0.1)); the optimisation constants (:data:`PUBLISHED_OPTIMIZATION`).
+from U(0, 0.1)); the optimisation constants (``RECIPES["gmim"]`` in :mod:`mimcore.methods.recipes`).
 
 Where it differs from the published code:
 
@@ -259,12 +259,6 @@ GMIM_PRESETS: dict[str, GMIMConfig] = {
     # For tests: as small on the tiny encoder, projectors 192 -> 128.
     "tiny": on_swin("tiny", crop_size=80, proj_dim=128, grids=(2, 4, 8)),
 }
-
-
-#: the published optimisation (METHODS.md section 3): AdamW, lr 4e-4, weight decay 1e-5,
-#: 500 linear warm-up steps then cosine — for the training loop, not used in this module
-PUBLISHED_OPTIMIZATION = {"optimizer": "adamw", "lr": 4e-4, "weight_decay": 1e-5, "warmup_steps": 500,
-                          "schedule": "cosine"}
 
 
 def gmim_config(preset: str) -> GMIMConfig:

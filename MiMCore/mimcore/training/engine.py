@@ -41,7 +41,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mimcore.errors import MimError
-from mimcore.training.checkpoint import FORMAT, save_checkpoint
+from mimcore.models.checkpoint import FORMAT, save_checkpoint
 from mimcore.training.distributed import DistInfo
 from mimcore.training.logs import log_metrics
 from mimcore.training.progress import Progress

@@ -35,7 +35,7 @@ from mimcore.errors import MimError
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models import segnet
 from mimcore.training import distributed
-from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
+from mimcore.models.checkpoint import find_checkpoint, read_checkpoint
 from mimcore.training.engine import Engine, LossScaler, autocast_dtype, replay_schedule, weights_digest, wrap_ddp
 from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_crops, find_cases
 from mimcore.training.finetune_labels import resolve_labels

@@ -23,7 +23,7 @@ from mimcore.training.encoder_init import (InitReport, check_report, init_from_b
 
 def pretrain_backbone(init: str | None) -> str | None:
     """The backbone a ``--init`` pre-training checkpoint trained (None for other sources)."""
-    from mimcore.training.checkpoint import find_checkpoint
+    from mimcore.models.checkpoint import find_checkpoint
 
     if not init or source_kind(init) != "pretrain":
         return None

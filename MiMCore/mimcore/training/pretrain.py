@@ -31,7 +31,7 @@ from mimcore.errors import MimError
 from mimcore.methods.recipes import recipe
 from mimcore.methods.registry import METHOD_NAMES, build_pretrain_model, checkpoint_method, resolve_backbone
 from mimcore.training import distributed
-from mimcore.training.checkpoint import find_checkpoint, read_checkpoint
+from mimcore.models.checkpoint import find_checkpoint, read_checkpoint
 from mimcore.training.engine import (Engine, LossScaler, autocast_dtype, replay_schedule,  # noqa: F401 (re-exported)
                                      weights_digest, wrap_ddp)
 from mimcore.training.optim import make_optimizer, scaled_lr, warmup_cosine

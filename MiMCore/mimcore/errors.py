@@ -15,3 +15,16 @@ def user_error_in(err: BaseException) -> "MimError | None":
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+class OutputError(MimError):
+    """An output file or folder could not be written completely (full disk, no permission, a
+    writer that failed or wrote a damaged file). Nothing new is left at ``path``.
+
+    ``no_space``: True when the cause is a full disk or quota, so a caller writing many files
+    (a batch) can stop instead of failing every remaining one."""
+
+    def __init__(self, message: str, path=None, no_space: bool = False):
+        super().__init__(message)
+        self.path = path
+        self.no_space = no_space

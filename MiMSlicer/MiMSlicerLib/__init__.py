@@ -15,6 +15,10 @@ Modules, one concept each:
 ``library``            the local model library and registries, read without torch
 ``preview``            ``mim reconstruct`` outputs -> volume nodes in subject-hierarchy folders
 ``tasks``              :class:`Task`: a user-level operation (jobs + building the result)
+``views``              the preview's centre (point / crosshair / volume centre), layout, restoring views
+``plots``              the fine-tuning curves (table, chart, series), made once the job has started
+``modelinfo``          a model's details (labels, spacing, size, provenance, licence), first-run text
+``fields``             the GUI fields' small decisions (unset paths, "Fast (CPU)", restart after install)
 ``logic``              :class:`MiMLogicCore`: what the GUI calls
 ``dependencies``       installing torch / MONAI inside Slicer
 =====================  =================================================================

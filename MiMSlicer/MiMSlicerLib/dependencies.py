@@ -29,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,12 +273,7 @@ def slicer_installers(requester: str = "MiMSlicer") -> Installers:
     extension is installed. Runs only inside Slicer."""
     import slicer
 
-    packaging_module = getattr(slicer, "packaging", None)
-    if packaging_module is None:
-        try:
-            import slicer.packaging as packaging_module
-        except ImportError:
-            packaging_module = None
+    packaging_module, pydeps = _slicer_pip_module()
 
     if packaging_module is not None and hasattr(packaging_module, "pip_install"):
         def pip_install(args):
@@ -289,8 +285,12 @@ def slicer_installers(requester: str = "MiMSlicer") -> Installers:
     pip_ensure = None
     if packaging_module is not None and hasattr(packaging_module, "pip_ensure"):
         def _pip_ensure(requirements):
-            # the user was asked once already (describe_plan), so no second prompt here
-            return packaging_module.pip_ensure(requirements, requester=requester, prompt_install=False)
+            # the user was asked once already (describe_plan), so no second prompt here;
+            # slicer.pydeps (5.11) takes Requirement objects, the earlier slicer.packaging strings
+            if pydeps:  # MiMSlicer asks about restarting once, after all steps (fields.restart_needed)
+                return packaging_module.pip_ensure([Requirement(r) for r in requirements], requester=requester,
+                                                   prompt_install=False, prompt_restart=False)
+            return packaging_module.pip_ensure(list(requirements), requester=requester, prompt_install=False)
 
         pip_ensure = _pip_ensure
 
@@ -319,11 +319,26 @@ def has_pytorchutils() -> bool:
         return False
 
 
+def _slicer_pip_module():
+    """``(module, is_pydeps)``: Slicer's package manager - ``slicer.pydeps`` (Slicer 5.11), else
+    the earlier ``slicer.packaging`` - or ``(None, False)`` (Slicer 5.10 and older, slicer-core)."""
+    import slicer
+
+    for name in ("pydeps", "packaging"):
+        module = getattr(slicer, name, None)
+        if module is None:
+            try:
+                module = importlib.import_module(f"slicer.{name}")
+            except ImportError:
+                module = None
+        if module is not None and hasattr(module, "pip_ensure"):
+            return module, name == "pydeps"
+    return None, False
+
+
 def has_pip_ensure() -> bool:
     try:
-        import slicer.packaging
-
-        return hasattr(slicer.packaging, "pip_ensure")
+        return _slicer_pip_module()[0] is not None
     except ImportError:
         return False
 
@@ -331,6 +346,138 @@ def has_pip_ensure() -> bool:
 def default_wheelhouse() -> Path | None:
     value = os.environ.get(WHEELHOUSE_ENV, "").strip()
     return Path(value) if value else None
+
+
+def pip_command(step: InstallStep, python: str | None = None) -> list[str] | None:
+    """The child-process command line of a plain pip step (``PythonSlicer -m pip install ...``,
+    as ``slicer.util.pip_install`` runs it). None for a step that goes through Slicer's own
+    installers: ``PyTorchUtils``, and ``pip_ensure`` (``slicer.pydeps``/``slicer.packaging``,
+    which keeps Slicer's own packages within its constraints and shows its own progress)."""
+    if step.via == VIA_PIP_INSTALL:
+        from MiMSlicerLib.jobs import default_python
+
+        return [python or default_python(), "-m", "pip", "install", *step.pip_args]
+    return None
+
+
+class InstallRun:
+    """:func:`run_plan` without freezing the GUI: ``poll()`` from a timer runs the steps one
+    after another. Plain pip steps run as child processes (:func:`pip_command`), their output
+    reported line by line as ``log`` events; a PyTorchUtils or ``pip_ensure`` step calls its
+    installer of ``installers`` when it is reached: Slicer's own installers, which run in its
+    main thread (they pump events while pip prints, and newer Slicers show a progress
+    dialog); the caller says so first (``blocking_next``, ``next_step``).
+
+    Events (``on_event``): ``{"event": "progress", "stage": "installing <what>", "step": i,
+    "total": n}`` before each step, ``log`` events of pip, then ``done`` or ``error``.
+    State: ``done``, ``error`` (None or a readable message), ``cancelled``, ``installed``
+    (the requirements of the steps that succeeded)."""
+
+    def __init__(self, steps: Sequence[InstallStep], installers: Installers | None = None,
+                 python: str | None = None, on_event: Callable[[dict], None] | None = None,
+                 env: dict | None = None, extra_pip_args: Sequence[str] = ()):
+        self.steps = list(steps)
+        self.installers = installers
+        self.python = python
+        self.on_event = on_event
+        self.env = env
+        self.extra_pip_args = list(extra_pip_args)  # e.g. ["--target", DIR] (tests)
+        self.index = -1
+        self.job = None
+        self.done = False
+        self.cancelled = False
+        self.error: str | None = None
+        self.installed: list[str] = []
+        self.stage = "installing"
+        self.eta_s = None  # the task protocol the GUI polls (see MiMSlicerLib.tasks.Task)
+        self.last_metrics: dict = {}
+        self.result = None
+
+    @property
+    def total(self) -> int:
+        return len(self.steps)
+
+    @property
+    def step(self) -> int:
+        return max(0, self.index)
+
+    @property
+    def next_step(self) -> InstallStep | None:
+        """The step the next :meth:`poll` starts (None while one runs, or at the end)."""
+        nxt = self.index + 1
+        return self.steps[nxt] if not self.done and self.job is None and nxt < len(self.steps) else None
+
+    @property
+    def blocking_next(self) -> bool:
+        """True when the next step is one that runs in this thread (PyTorchUtils)."""
+        nxt = self.index + 1
+        return not self.done and self.job is None and nxt < len(self.steps) and pip_command(self.steps[nxt]) is None
+
+    def _emit(self, event: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def poll(self) -> bool:
+        """Advance; True while steps remain or run. Never blocks, except for a PyTorchUtils step."""
+        if self.done:
+            return False
+        if self.job is not None:
+            if self.job.poll():
+                return True
+            job, self.job = self.job, None
+            if job.error or job.returncode != 0:
+                return self._fail(f"installing {', '.join(self.steps[self.index].requirements)} failed: "
+                                  f"{job.error or f'exit code {job.returncode}'}")
+            self.installed += self.steps[self.index].requirements
+        self.index += 1
+        if self.index >= len(self.steps):
+            self.done = True
+            self.result = list(self.installed)
+            importlib.invalidate_caches()
+            self._emit({"event": "done", "installed": list(self.installed)})
+            return False
+        step = self.steps[self.index]
+        self.stage = f"installing {', '.join(step.requirements)}"
+        self._emit({"event": "progress", "stage": self.stage, "step": self.index + 1, "total": len(self.steps),
+                    "eta_s": None, "metrics": {}, "message": step.describe()})
+        command = pip_command(step, self.python)
+        if command is None:
+            try:
+                run_plan([step], self.installers or Installers(pip_install=_no_pip), log=lambda text: None)
+            except DependencyError as exc:
+                return self._fail(str(exc))
+            self.installed += step.requirements
+            return True
+        from MiMSlicerLib.jobs import CommandJob
+
+        command = command[:4] + ["--disable-pip-version-check", *self.extra_pip_args] + command[4:]
+        self.job = CommandJob(command, name="pip install", on_event=self._emit, env=self.env)
+        try:
+            self.job.start()
+        except Exception as exc:
+            self.job = None
+            return self._fail(str(exc))
+        return True
+
+    def cancel(self, wait: bool = False) -> None:
+        """Stop after killing the running pip (``wait``: until it is dead); steps done stay installed."""
+        if self.done:
+            return
+        self.cancelled = True
+        if self.job is not None:
+            self.job.cancel(wait=wait)
+            self.job = None
+        self._fail("Cancelled.")
+
+    def _fail(self, message: str) -> bool:
+        self.error = message
+        self.done = True
+        self._emit({"event": "error", "message": message})
+        return False
+
+
+def _no_pip(args):
+    raise DependencyError("no pip installer was given")
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,28 +565,96 @@ def check_device(device: str = "auto", python: str | Sequence[str] | None = None
     ``python`` (default: this interpreter, which inside Slicer is PythonSlicer) and
     compare them with the CPU. Never raises for a device problem: the result says what
     happened in ``message``."""
-    if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
-    command = [python] if isinstance(python, str) else list(python or [sys.executable])
-    command += ["-c", _DEVICE_CHECK_CODE, device]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return _finish(DeviceCheck(False, device, stage="process",
-                                   error=f"the check did not finish in {timeout:.0f} s"))
-    except OSError as exc:
-        return _finish(DeviceCheck(False, device, stage="process", error=f"cannot start {command[0]}: {exc}"))
-    report = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(_MARK):
-            report = json.loads(line[len(_MARK):])
-    if report is None:
-        detail = _tail(proc.stderr) or _tail(proc.stdout) or "no output"
-        return _finish(DeviceCheck(False, device, stage="process",
-                                   error=f"the check process exited with code {proc.returncode}: {detail}"))
-    return _finish(DeviceCheck(ok=bool(report["ok"]), requested=device, device=report.get("device"),
-                               torch_version=report.get("torch"), cuda_build=report.get("cuda_build"),
-                               gpu=report.get("gpu"), stage=report.get("stage", ""), error=report.get("error")))
+    run = DeviceCheckRun(device, python=python, timeout=timeout, env=env).start()
+    while run.poll():
+        time.sleep(0.05)
+    return run.result
+
+
+class DeviceCheckRun:
+    """:func:`check_device` without blocking: ``start()``, then ``poll()`` (True while it runs)
+    from a GUI timer; ``result`` is the :class:`DeviceCheck` once ``poll()`` returned False.
+    ``cancel()`` kills the child. Output goes to temporary files (nothing to drain)."""
+
+    def __init__(self, device: str = "auto", python: str | Sequence[str] | None = None, timeout: float = 180.0,
+                 env: dict | None = None):
+        if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
+            raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+        self.device, self.timeout, self.env = device, timeout, env
+        self.command = ([python] if isinstance(python, str) else list(python or [sys.executable]))
+        self.command += ["-c", _DEVICE_CHECK_CODE, device]
+        self.result: DeviceCheck | None = None
+        self.process: subprocess.Popen | None = None
+        self._files = None
+        self._started = 0.0
+        # the task protocol the GUI polls (see MiMSlicerLib.tasks.Task): a failed check is a
+        # result (``result.ok`` False, ``result.message`` says why), not an ``error``
+        self.stage = f"testing PyTorch on '{device}'"
+        self.step, self.total, self.eta_s, self.last_metrics, self.error = 0, 0, None, {}, None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def start(self) -> "DeviceCheckRun":
+        import tempfile
+
+        self._files = (tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace"),
+                       tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace"))
+        self._started = time.monotonic()
+        try:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._files[0],
+                                            stderr=self._files[1], text=True, env=self.env)
+        except OSError as exc:
+            self._end(DeviceCheck(False, self.device, stage="process", error=f"cannot start {self.command[0]}: {exc}"))
+        return self
+
+    def poll(self) -> bool:
+        """True while the check runs; never blocks."""
+        if self.result is not None:
+            return False
+        if self.process.poll() is None:
+            if time.monotonic() - self._started <= self.timeout:
+                return True
+            self._kill()
+            self._end(DeviceCheck(False, self.device, stage="process",
+                                  error=f"the check did not finish in {self.timeout:.0f} s"))
+            return False
+        out, err = (self._read(f) for f in self._files)
+        report = None
+        for line in out.splitlines():
+            if line.startswith(_MARK):
+                report = json.loads(line[len(_MARK):])
+        if report is None:
+            detail = _tail(err) or _tail(out) or "no output"
+            self._end(DeviceCheck(False, self.device, stage="process",
+                                  error=f"the check process exited with code {self.process.returncode}: {detail}"))
+        else:
+            self._end(DeviceCheck(ok=bool(report["ok"]), requested=self.device, device=report.get("device"),
+                                  torch_version=report.get("torch"), cuda_build=report.get("cuda_build"),
+                                  gpu=report.get("gpu"), stage=report.get("stage", ""), error=report.get("error")))
+        return False
+
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the check (``result``: not ok, "cancelled"); it is killed at once either way."""
+        if self.result is None:
+            self._kill()
+            self._end(DeviceCheck(False, self.device, stage="process", error="the check was cancelled"))
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @staticmethod
+    def _read(file) -> str:
+        file.seek(0)
+        return file.read()
+
+    def _end(self, check: DeviceCheck) -> None:
+        self.result = _finish(check)
+        for file in self._files or ():
+            file.close()
 
 
 def _finish(check: DeviceCheck) -> DeviceCheck:
@@ -475,3 +690,19 @@ def _tail(text, lines: int = 8) -> str:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------
+# 6. the module's self-test on machines without the packages
+
+
+def self_test_skip_reason(problems: Sequence[Problem]) -> str | None:
+    """Why ``MiMSlicerTest`` cannot run here, or None. Slicer's testing mode (the Extensions
+    build servers) does not install Python packages, so there the test is skipped with this
+    message instead of failing."""
+    if not problems:
+        return None
+    return ("MiMSlicerTest skipped: the Python packages MiMSlicer runs on are not installed in this Slicer "
+            "(testing mode does not install them): " + "; ".join(p.describe() for p in problems)
+            + ". Install them (MiM Segmentation > Python packages and device > Check and install packages) "
+              "and run the test again.")

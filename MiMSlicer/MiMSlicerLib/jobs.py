@@ -50,12 +50,21 @@ from MiMSlicerLib.errors import MiMSlicerError
 
 LOG_TAIL_LINES = 200  # lines of non-event output kept
 ERROR_TAIL_LINES = 20  # of which an error message shows the last ones
-_KILL_GRACE_S = 3.0
+# Cancel: SIGTERM, then SIGKILL after this grace (a mimcore child installs no SIGTERM handler,
+# so it dies at once; the grace is for what it started), then the output readers get at most
+# _READER_JOIN_S to see the pipes close (a grandchild that escaped the group may hold them).
+_KILL_GRACE_S = 1.0
+_READER_JOIN_S = 1.0
 
 
 def default_python() -> str:
-    """The interpreter for jobs: this process's own (PythonSlicer inside Slicer)."""
-    return sys.executable
+    """The interpreter for jobs: inside the Slicer application its ``PythonSlicer`` (found on
+    Slicer's PATH, as ``slicer.pydeps`` finds it for pip), else this process's own."""
+    try:
+        from slicer import app  # noqa: F401  (only inside the application)
+    except ImportError:
+        return sys.executable
+    return shutil.which("PythonSlicer") or sys.executable
 
 
 def mimcore_path_entry() -> str | None:
@@ -110,6 +119,7 @@ class Job:
         self._readers: list[threading.Thread] = []
         self._log = collections.deque(maxlen=LOG_TAIL_LINES)
         self._finished = False
+        self._reaped = threading.Event()
 
     # ------------------------------------------------------------------ running
 
@@ -132,7 +142,7 @@ class Job:
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         entry = mimcore_path_entry()
-        if entry and self.python == sys.executable:
+        if entry and self.python in (sys.executable, default_python()):
             parts = [entry] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != entry]
             env["PYTHONPATH"] = os.pathsep.join(parts)
         env.update(self.extra_env)
@@ -228,27 +238,51 @@ class Job:
 
     # ------------------------------------------------------------------ cancelling
 
-    def cancel(self) -> None:
-        """Kill the child and everything it started, wait for them, remove ``temp_dirs``.
+    def cancel(self, wait: bool = True) -> None:
+        """Kill the child and everything it started, remove ``temp_dirs``.
 
-        Pending output is dropped (no more ``on_event`` calls). Safe to call at any time:
-        before :meth:`start` it just marks the job cancelled, after the end it does nothing.
+        wait=True (default): returns when the tree is gone (about a second at most).
+        wait=False (for a GUI thread): sends SIGTERM to the tree and returns at once; a
+        background thread escalates to SIGKILL, reaps the child and removes ``temp_dirs``
+        (:meth:`wait_reaped` waits for it). Pending output is dropped (no more
+        ``on_event`` calls). Safe to call at any time: before :meth:`start` it just marks
+        the job cancelled, after the end it does nothing.
         """
         if self._finished:
             return
         self.cancelled = True
-        if self.process is not None:
+        self._finished = True
+        if self.process is None:
+            self._reaped.set()
+            self._remove_temp_dirs()
+            return
+        if wait:
+            self._reap()
+            return
+        _signal_tree(self.process, signal.SIGTERM if os.name != "nt" else None)
+        threading.Thread(target=self._reap, daemon=True, name=f"mimcore-reap-{self.process.pid}").start()
+
+    def _reap(self) -> None:
+        try:
             _kill_tree(self.process)
             for reader in self._readers:
-                reader.join(timeout=5.0)
+                reader.join(timeout=_READER_JOIN_S)
             self.returncode = self.process.returncode
             for stream in (self.process.stdout, self.process.stderr):
                 try:
                     stream.close()
                 except OSError:
                     pass
-        self._finished = True
-        self._remove_temp_dirs()
+            self._remove_temp_dirs()
+        finally:
+            self._reaped.set()
+
+    def wait_reaped(self, timeout: float | None = None) -> bool:
+        """After :meth:`cancel`: wait until the child is reaped and ``temp_dirs`` are gone (True),
+        or ``timeout`` seconds pass (False). True at once for a job that ended by itself."""
+        if self.process is None or (self._finished and not self.cancelled):
+            return True
+        return self._reaped.wait(timeout)
 
     def _remove_temp_dirs(self) -> None:
         for folder in self.temp_dirs:
@@ -264,6 +298,10 @@ class Job:
         error_events = [e for e in self.events if e.get("event") == "error"]
         if error_events and error_events[-1].get("message"):
             return str(error_events[-1]["message"])  # mimcore's own message: what is wrong, what to do
+        user_errors = [line.split("mim: error: ", 1)[1] for line in self._log if line.startswith("mim: error: ")]
+        usage = any(line.startswith("usage:") for line in self._log)  # argparse's own errors: keep the whole tail
+        if user_errors and self.returncode == 2 and not usage:  # mimcore's message, printed without --progress json
+            return user_errors[-1]
         what = " ".join(self.argv[:1]) or "mimcore"
         rc = self.returncode
         if rc is not None and rc < 0:
@@ -282,6 +320,20 @@ class Job:
             head += (f". The Python it ran ({self.python}) cannot import mimcore: install the module's Python "
                      "packages (MiMSlicer: Setup) or add mimcore to that Python")
         return head + (":\n" + text if tail else ", without any output.")
+
+
+class CommandJob(Job):
+    """Any command line (``pip``, ...) run like a :class:`Job`: own process group, output as
+    ``log`` events (JSON event lines still parsed), non-blocking poll, tree-killing cancel.
+    ``name`` is what error messages call it ("The pip install job failed ...")."""
+
+    def __init__(self, command: Iterable[str], name: str = "command", **kwargs):
+        super().__init__([name], **kwargs)
+        self._command = [str(c) for c in command]
+
+    @property
+    def command(self) -> list[str]:
+        return list(self._command)
 
 
 def _parse_event(line: str) -> dict | None:
@@ -336,6 +388,16 @@ def _kill_tree(process: subprocess.Popen) -> None:
         if not _group_alive(process.pid) and not escaped:
             break
     process.wait()
+
+
+def _signal_tree(process: subprocess.Popen, sig) -> None:
+    """Send ``sig`` to the child's process group (POSIX); nothing on Windows (taskkill does it all)."""
+    if sig is None or os.name == "nt":
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _pgid(pid: int) -> int | None:

@@ -20,7 +20,12 @@ A model entry (:func:`read_model`) is a dict::
      "labels": ["liver", ...],      # label names in value order
      "label_table": [{"value": 1, "name": "liver", "color": [r, g, b]}, ...],
      "preset": "small", "architecture": "mim-seg",
-     "error": None}                 # or why the entry is unusable (then labels are [])
+     "error": None,                 # or why the entry is unusable (then labels are [])
+     "description": {...}}          # model.json as read (absent for an unreadable entry)
+
+A label of ``label_table`` carries ``"terminology"`` when model.json gives one (see
+:func:`MiMSlicerLib.segmentations.terminology_entry`); :mod:`MiMSlicerLib.modelinfo`
+formats an entry for people (details panel, tooltip, first-run text).
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import threading
+import time
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from MiMSlicerLib.errors import MiMSlicerError
@@ -88,9 +97,12 @@ def _entry(name: str, path: Path, desc: dict) -> dict:
     arch = desc.get("architecture") or {}
     return {"name": name, "title": desc.get("name", name), "path": str(path),
             "labels": [str(lb["name"]) for lb in labels],
-            "label_table": [{"value": int(lb["value"]), "name": str(lb["name"]),
-                             "color": [int(c) for c in lb.get("color") or []] or None} for lb in labels],
-            "preset": arch.get("preset"), "architecture": arch.get("kind"), "error": None}
+            "label_table": [dict({"value": int(lb["value"]), "name": str(lb["name"]),
+                                  "color": [int(c) for c in lb.get("color") or []] or None},
+                                 **({"terminology": lb["terminology"]} if lb.get("terminology") else {}))
+                            for lb in labels],
+            "preset": arch.get("preset"), "architecture": arch.get("kind"), "error": None,
+            "description": desc}
 
 
 def read_model(path: str | os.PathLike, name: str | None = None) -> dict:
@@ -189,16 +201,8 @@ def add_model(source: str, library: str | os.PathLike, name: str | None = None, 
     Blocks until the copy (or download) is done. Raises MiMSlicerError with mimcore's message.
     """
     library = Path(library)
-    source = str(source)
-    if "#" in source and not Path(source).expanduser().exists():
-        registry, source = source.rsplit("#", 1)
-    argv = ["models", "add", source, "--library", str(library), "--quiet"]
-    if registry:
-        argv += ["--registry", str(registry)]
-    if name:
-        argv += ["--name", name]
-    if overwrite:
-        argv.append("--overwrite")
+    source, registry = split_registry_source(str(source), registry)
+    argv = add_model_arguments(source, library, name=name, registry=registry, overwrite=overwrite, json=False)
     before = {m["name"] for m in list_models(library)}
     job = Job(argv, python=python or default_python(), env=env)
     try:
@@ -221,3 +225,118 @@ def add_model(source: str, library: str | os.PathLike, name: str | None = None, 
         return name
     raise MiMSlicerError(f"'mim models add {source}' succeeded but did not say under which name; "
                          f"look in {library}.")
+
+
+# --------------------------------------------------------------------------- adding as a task
+
+
+def split_registry_source(source: str, registry: str | None = None) -> tuple[str, str | None]:
+    """``("REGISTRY#NAME", None)`` -> ``("NAME", "REGISTRY")``; an existing path or a plain name is kept."""
+    source = str(source)
+    if "#" in source and not Path(source).expanduser().exists():
+        registry, source = source.rsplit("#", 1)
+    return source, registry
+
+
+def add_model_arguments(source: str, library: str | os.PathLike, name: str | None = None,
+                        registry: str | None = None, overwrite: bool = False, json: bool = True) -> list[str]:
+    """The ``mim models add`` command line (without ``mim``); ``json``: the result as a ``done`` event."""
+    argv = ["models", "add", str(source), "--library", str(library), "--quiet"]
+    if json:
+        argv.append("--json")
+    if registry:
+        argv += ["--registry", str(registry)]
+    if name:
+        argv += ["--name", name]
+    if overwrite:
+        argv.append("--overwrite")
+    return argv
+
+
+def added_name(job, name: str | None = None) -> str:
+    """The library name a finished ``mim models add --json`` job reported (its ``done`` event)."""
+    done = next((e for e in reversed(job.events) if e.get("event") == "done" and e.get("name")), None)
+    if done is not None:
+        return str(done["name"])
+    if name:
+        return name
+    raise MiMSlicerError("'mim models add' succeeded but did not say under which name the model was added.")
+
+
+def staging_dirs(library: str | os.PathLike) -> set[str]:
+    """Names of the hidden temporary folders ``mim models add`` makes in the library while it
+    copies (``.add-*.tmp``, and ``.<name>.*.tmp`` while a model is moved into place)."""
+    library = Path(library)
+    if not library.is_dir():
+        return set()
+    return {p.name for p in library.iterdir() if p.is_dir() and p.name.startswith(".") and p.name.endswith(".tmp")}
+
+
+def remove_staging_dirs(library: str | os.PathLike, keep: set[str] = frozenset()) -> list[str]:
+    """Remove the staging folders of the library except ``keep`` (those of other, running adds); returns the names.
+    A killed ``mim models add`` cannot remove its own."""
+    removed = []
+    for folder in sorted(staging_dirs(library) - set(keep)):
+        shutil.rmtree(Path(library) / folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def download_path(library: str | os.PathLike, sha256: str) -> Path:
+    """Where ``mim models add`` downloads a registry model (mimcore's cache layout); ``.part`` while in progress."""
+    return _layout().cache_dir(library) / "downloads" / f"{sha256.lower()}.zip"
+
+
+def download_probe(source: str, registry: str | None, library: str | os.PathLike,
+                   clock: Callable[[], float] = time.monotonic) -> Callable[[], dict | None] | None:
+    """For a registry model: a function that returns a ``progress`` event when the download
+    has grown (bytes read from the file ``mim models add`` writes, see :func:`download_path`),
+    else None. None for a local ``source`` or without a registry. The registry is read in a
+    background thread (a slow server must not block the GUI); until it is read, or if it
+    cannot be, or gives no ``sha256``, the probe reports nothing (the child reports problems).
+
+    Events: ``{"event": "progress", "stage": "downloading NAME (x.y of z.w MB)", "step": KiB,
+    "total": KiB (0 when the registry gives no size), "eta_s": seconds or None, "metrics": {}}``.
+    """
+    if Path(str(source)).expanduser().exists() or not registry:
+        return None
+    state: dict = {"files": None, "size": None, "last": -1, "start": None}
+
+    def resolve() -> None:
+        try:
+            entry = next((e for e in registry_entries(registry) if str(e.get("name")) == str(source)), None)
+        except MiMSlicerError:
+            return
+        sha = str((entry or {}).get("sha256") or "")
+        if re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+            size = entry.get("size")
+            state["size"] = size if isinstance(size, int) and size > 0 else None
+            final = download_path(library, sha)
+            state["files"] = (final.with_name(final.name + ".part"), final)
+
+    threading.Thread(target=resolve, daemon=True, name="mimslicer-registry").start()
+
+    def probe() -> dict | None:
+        if state["files"] is None:
+            return None
+        part, final = state["files"]
+        size = state["size"]
+        try:
+            done = part.stat().st_size if part.exists() else (final.stat().st_size if final.exists() else 0)
+        except OSError:
+            return None
+        if done == state["last"]:
+            return None
+        now = clock()
+        if state["start"] is None:
+            state["start"] = (now, done)
+        state["last"] = done
+        t0, b0 = state["start"]
+        eta = None
+        if size and done > b0 and now > t0:
+            eta = (size - done) / ((done - b0) / (now - t0))
+        of = f" of {size / 1e6:.1f}" if size else ""
+        return {"event": "progress", "stage": f"downloading {source} ({done / 1e6:.1f}{of} MB)",
+                "step": done // 1024, "total": (size + 1023) // 1024 if size else 0, "eta_s": eta, "metrics": {}}
+
+    return probe

@@ -93,6 +93,33 @@ class MiMLogicCore:
         return library.add_model(source, self.models_dir, name=name, registry=registry or self.registry,
                                  overwrite=overwrite, python=self.python, env=self.child_env())
 
+    def start_add_model(self, source: str, name: str | None = None, overwrite: bool = False,
+                        registry: str | None = None, on_event: Callable[[dict], None] | None = None) -> Task:
+        """:meth:`add_model` as a :class:`Task` that never blocks: ``mim models add`` in a child
+        process, polled like the other tasks; ``task.result`` is the library name.
+
+        A registry model's download reports progress (``progress`` events, stage
+        ``downloading <name>``, step/total in KiB, ETA) measured on the file being
+        downloaded (see :func:`MiMSlicerLib.library.download_probe`). Cancel kills the
+        child and removes the staging folder it had made in the library: no partial
+        entry is left (a partly downloaded file stays in the library's cache, and the
+        next add of the same model resumes it).
+        """
+        source, registry = library.split_registry_source(str(source), registry or self.registry)
+        argv = library.add_model_arguments(source, self.models_dir, name=name, registry=registry,
+                                           overwrite=overwrite)
+        task = self._task("add-model", on_event)
+        task.progress_probe = library.download_probe(source, registry, self.models_dir)
+        staging_before = library.staging_dirs(self.models_dir)
+        task.on_cancelled.append(lambda: library.remove_staging_dirs(self.models_dir, keep=staging_before))
+
+        def finished(job):
+            added = library.added_name(job, name)
+            library.read_model(self.models_dir / added)  # it is there and readable
+            return Finished(added)
+
+        return task.start(Step(argv, finished, stage=f"adding {source} to the library"))
+
     # ------------------------------------------------------------------ tasks
 
     def _task(self, kind: str, on_event) -> Task:
@@ -113,13 +140,15 @@ class MiMLogicCore:
                                  "job ran); nothing was added.")
 
     def start_segment(self, volume_node, model, device: str = "auto", segmentation_node=None,
-                      on_event: Callable[[dict], None] | None = None, extra_args: Sequence[str] = ()) -> Task:
+                      on_event: Callable[[dict], None] | None = None, extra_args: Sequence[str] = (),
+                      fast: bool = False) -> Task:
         """Segment ``volume_node`` with a library model (name, bundle path or entry dict).
 
         The result (``task.result``) is a segmentation node with one named, coloured segment
         per model label, on exactly the volume's voxel grid (and under its parent
         transform): ``segmentation_node``, whose segments are replaced, or a new node.
         extra_args: more ``mim segment`` options, e.g. ``["--tta"]``.
+        fast: ``mim segment --fast`` (the quicker CPU settings; see :func:`segment_arguments`).
         """
         check_scalar_volume(volume_node, "the input volume")
         entry = self.model(model)
@@ -141,8 +170,7 @@ class MiMLogicCore:
                                    name=f"{volume_node.GetName()} - {entry['name']}")
             return Finished(node)
 
-        argv = ["segment", str(image), "--model", entry["path"], "--output", str(output), "--device", device,
-                "--progress", "json", *map(str, extra_args)]
+        argv = segment_arguments(image, entry["path"], output, device=device, fast=fast, extra_args=extra_args)
         return task.start(Step(argv, build, stage=f"segmenting with {entry['name']}", temp_dirs=(inputs,)))
 
     def start_preview(self, checkpoint: str, volume_node, center_ras=None, device: str = "auto",
@@ -339,6 +367,20 @@ class MiMLogicCore:
         path = folder / "datalist.json"
         path.write_text(json.dumps(datalist, indent=2), encoding="utf-8")
         return path
+
+
+def segment_arguments(image, model_path, output, device: str = "auto", fast: bool = False,
+                      extra_args: Sequence[str] = ()) -> list[str]:
+    """The ``mim segment`` command line of :meth:`MiMLogicCore.start_segment` (without ``mim``).
+
+    fast: add ``--fast`` (mimcore's fast profile: the network only on windows that hold part
+    of the body, bf16 on CPUs with native bf16, channels-last); the GUI's "Fast (CPU)" check
+    box, on by default where no GPU was found (:func:`MiMSlicerLib.fields.default_fast`)."""
+    argv = ["segment", str(image), "--model", str(model_path), "--output", str(output), "--device", str(device),
+            "--progress", "json"]
+    if fast:
+        argv.append("--fast")
+    return argv + [str(a) for a in extra_args]
 
 
 def _segment_names(pairs) -> list[str]:

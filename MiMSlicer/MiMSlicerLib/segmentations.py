@@ -19,10 +19,16 @@ A *label list* is what a model bundle's ``model.json`` holds::
 
 Names match case-insensitively, and spaces, ``_`` and ``-`` count as the same
 ("Kidney left" = "kidney_left"); see :func:`normalize_name`.
+
+A label with a ``"terminology"`` (SNOMED CT category/type codes, see
+:func:`terminology_entry`) gives its segment Slicer's terminology entry, so the Segment
+Editor and DICOM SEG export show the standard name. :func:`show_3d` shows a result in 3D
+(its closed-surface representation, made by Slicer's own converter).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -201,6 +207,63 @@ def _color01(entry: dict, index: int) -> tuple[float, float, float]:
     return tuple(min(1.0, max(0.0, float(c) / 255.0)) for c in color)
 
 
+SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_REGION_CONTEXT = "Anatomic codes - DICOM master list"
+_CODE_KEYS = ("category", "type", "modifier", "region", "region_modifier")
+
+
+def _code(value, where: str) -> tuple[str, str, str]:
+    """(value, scheme, meaning) of a code given as ``[scheme, value, meaning]`` or
+    ``{"scheme", "code", "meaning"}`` (``codingScheme``/``CodingSchemeDesignator``,
+    ``value``/``CodeValue``, ``CodeMeaning`` accepted too)."""
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, str) for v in value):
+        scheme, code, meaning = value
+    elif isinstance(value, dict):
+        scheme = value.get("scheme") or value.get("codingScheme") or value.get("CodingSchemeDesignator")
+        code = value.get("code") or value.get("value") or value.get("CodeValue")
+        meaning = value.get("meaning") or value.get("CodeMeaning")
+    else:
+        scheme = code = meaning = None
+    if not (scheme and code and meaning):
+        raise MiMSlicerError(f"{where} must be [coding scheme, code value, meaning], e.g. "
+                             f"[\"SCT\", \"10200004\", \"Liver\"]; got {value!r}.")
+    return str(code), str(scheme), str(meaning)
+
+
+def terminology_entry(terminology, where: str = "terminology") -> str | None:
+    """The terminology string Slicer stores on a segment (``vtkSegment.SetTerminology``, tag
+    ``TerminologyEntry``) for a label's ``"terminology"`` in model.json; None if it has none.
+
+    model.json may give Slicer's own serialized string (``"...~SCT^10200004^Liver~..."``) or
+    ``{"category": [scheme, code, meaning], "type": [...], "modifier"?: [...], "region"?: [...],
+    "region_modifier"?: [...], "context"?: str, "region_context"?: str}``, e.g. for the liver
+    ``{"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}``
+    (SNOMED CT codes, as Slicer's terminologies use). Contexts default to Slicer's general
+    anatomy list and the DICOM anatomic region list. MiMSlicerError if it is malformed."""
+    if terminology is None or terminology == "" or terminology == {}:
+        return None
+    if isinstance(terminology, str):
+        if "~" not in terminology:
+            raise MiMSlicerError(f"{where} is not a Slicer terminology string (fields separated by '~'): "
+                                 f"{terminology!r}.")
+        return terminology
+    if not isinstance(terminology, dict):
+        raise MiMSlicerError(f"{where} must be an object with 'category' and 'type' codes, got {terminology!r}.")
+    unknown = set(terminology) - set(_CODE_KEYS) - {"context", "region_context"}
+    if unknown:
+        raise MiMSlicerError(f"{where} has unknown keys {sorted(unknown)}; known: {', '.join(_CODE_KEYS)}, "
+                             "context, region_context.")
+    for required in ("category", "type"):
+        if required not in terminology:
+            raise MiMSlicerError(f"{where} needs a '{required}' code ([scheme, code, meaning]).")
+    codes = {key: (_code(terminology[key], f"{where}.{key}") if terminology.get(key) else ("", "", ""))
+             for key in _CODE_KEYS}
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        str(terminology.get("context") or SLICER_ANATOMY_CONTEXT), *codes["category"], *codes["type"],
+        *codes["modifier"], str(terminology.get("region_context") or DICOM_REGION_CONTEXT), *codes["region"],
+        *codes["region_modifier"])
+
+
 def _label_values(image) -> list[int]:
     values = vtk.vtkIntArray()
     slicer.vtkSlicerSegmentationsModuleLogic.GetAllLabelValues(values, image)
@@ -211,8 +274,9 @@ def import_labelmap(path: str | os.PathLike, labels: list[dict], reference_volum
                     segmentation_node=None, name: str | None = None):
     """A segmentation node holding the label map file ``path``, one segment per label.
 
-    labels:            ``[{"value", "name", "color" (0-255, optional)}, ...]``; each becomes a
-                       segment with that name and colour (empty if the value is absent).
+    labels:            ``[{"value", "name", "color" (0-255, optional), "terminology" (optional,
+                       see :func:`terminology_entry`)}, ...]``; each becomes a segment with that
+                       name, colour and terminology (empty if the value is absent).
                        Values in the file that are not listed become segments ``label_<v>``.
     reference_volume:  the volume the labels belong to. The segmentation gets it as its
                        reference geometry, and a new node is put under the same parent
@@ -258,6 +322,13 @@ def import_labelmap(path: str | os.PathLike, labels: list[dict], reference_volum
         segment.SetColor(*_color01(entry, index))
         segment.SetLabelValue(int(entry["value"]))
         segment.AddRepresentation(BINARY_LABELMAP, image)  # one shared layer: its voxels == value
+        try:
+            terminology = terminology_entry(entry.get("terminology"), f"label {entry['name']!r}: terminology")
+        except MiMSlicerError as e:  # a metadata slip must not cost the radiologist the segmentation
+            logging.getLogger(__name__).warning("MiMSlicer: %s The segment keeps its name only.", e)
+            terminology = None
+        if terminology:
+            segment.SetTerminology(terminology)
         new_segments.append(segment)
 
     before = node_ids(scene)
@@ -296,3 +367,41 @@ def _place_next_to(scene, node, neighbour) -> None:
     item, other = sh.GetItemByDataNode(node), sh.GetItemByDataNode(neighbour)
     if item and other:
         sh.SetItemParent(item, sh.GetItemParent(other))
+
+
+CLOSED_SURFACE = "Closed surface"
+
+
+def show_3d(segmentation_node, visible: bool = True) -> bool:
+    """Show (or hide) ``segmentation_node`` in the 3D views: on showing, create its closed-surface
+    representation (Slicer's converter, from the binary labelmap) if it has none, and make
+    its display node show 3D. Returns True when the segmentation has a closed surface now
+    (False for hiding, or when it has no segments). Hiding keeps the surface (showing again
+    is instant)."""
+    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        raise MiMSlicerError("Show 3D needs a segmentation node; segment a volume first.")
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+        display = segmentation_node.GetDisplayNode()
+    if not visible:
+        display.SetVisibility3D(False)
+        return False
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        return False
+    if not segmentation.ContainsRepresentation(CLOSED_SURFACE):
+        if not segmentation_node.CreateClosedSurfaceRepresentation():
+            raise MiMSlicerError(f"Slicer could not make a 3D surface of '{segmentation_node.GetName()}' "
+                                 "(no converter from its representation).")
+    display.SetPreferredDisplayRepresentationName3D(CLOSED_SURFACE)
+    display.SetVisibility(True)
+    display.SetVisibility3D(True)
+    return True
+
+
+def shows_3d(segmentation_node) -> bool:
+    """True when ``segmentation_node`` has a closed surface and its display node shows it in 3D."""
+    display = segmentation_node.GetDisplayNode() if segmentation_node is not None else None
+    return bool(display is not None and display.GetVisibility3D() and display.GetVisibility()
+                and segmentation_node.GetSegmentation().ContainsRepresentation(CLOSED_SURFACE))

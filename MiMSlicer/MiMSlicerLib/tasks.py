@@ -14,8 +14,10 @@ that job succeeded; it returns the next step, or ``Task.DONE(result)`` to finish
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +79,12 @@ class Task:
         self.started = time.monotonic()
         self.job: Job | None = None
         self._step: Step | None = None
+        self.on_cancelled: list[Callable[[], None]] = []  # run after the child is dead, on cancel only
+        # Called by poll() while a job runs; a returned event (e.g. a download's progress, measured
+        # on its file) is reported like the child's own. None: nothing new.
+        self.progress_probe: Callable[[], dict | None] | None = None
+        self._deferred_cleanup = False
+        self._cleaner: threading.Thread | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -104,6 +112,10 @@ class Task:
             return False
         try:
             if self.job.poll():
+                if self.progress_probe is not None:
+                    event = self.progress_probe()
+                    if event is not None:
+                        self._on_event(event)
                 return True
             if self.job.error or self.job.returncode != 0:
                 self._fail(self.job.error or f"The {self.kind} job failed (exit code {self.job.returncode}).")
@@ -130,16 +142,49 @@ class Task:
         """Poll until done (True) or ``timeout`` seconds pass (False). For scripts and tests."""
         return poll_until(self.poll, timeout, interval)
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = True) -> None:
         """Kill the running job and everything it started, remove the task's files. The
-        scene is left as it was before the task started. Safe to call twice or after the end."""
+        scene is left as it was before the task started. Safe to call twice or after the end.
+
+        wait=False returns at once (a GUI's Cancel button): the job's tree gets SIGTERM now,
+        and a background thread kills what is left, then removes the files and runs the
+        ``on_cancelled`` clean-ups (:meth:`wait_cleaned` waits for that)."""
         if self.done:
             return
         self.cancelled = True
-        if self.job is not None:
-            self.job.cancel()
         self.error = "Cancelled."
+        job = self.job
+        if job is None or wait:
+            if job is not None:
+                job.cancel()
+            self._finish()
+            self._cancel_cleanups()
+            return
+        job.cancel(wait=False)
+        self._deferred_cleanup = True
         self._finish()
+
+        def clean():
+            job.wait_reaped(30.0)
+            self._cleanup()
+            self._cancel_cleanups()
+
+        self._cleaner = threading.Thread(target=clean, daemon=True, name=f"mimslicer-{self.kind}-cancel")
+        self._cleaner.start()
+
+    def wait_cleaned(self, timeout: float | None = None) -> bool:
+        """After ``cancel(wait=False)``: wait until the job is dead and the files are gone."""
+        if self._cleaner is None:
+            return True
+        self._cleaner.join(timeout)
+        return not self._cleaner.is_alive()
+
+    def _cancel_cleanups(self) -> None:
+        for cleanup in self.on_cancelled:
+            try:
+                cleanup()
+            except Exception:  # a clean-up must not hide the cancel
+                logging.getLogger(__name__).exception("MiMSlicer: a clean-up after cancelling %s failed", self.kind)
 
     # ------------------------------------------------------------------ events
 
@@ -179,7 +224,8 @@ class Task:
             self.stage, self.eta_s = "done", 0.0
             if self.total:
                 self.step = self.total
-        self._cleanup()
+        if not self._deferred_cleanup:
+            self._cleanup()
 
     def _cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -304,3 +304,196 @@ def test_real_entry_point_json_progress(setup, tmp_path):
     assert all(Path(d).is_dir() for d in outputs["levels"].values())
     # default centre = the volume's centre, no padding for this volume
     assert outputs["padded_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------- issue 15: pictures that tell the truth
+
+
+def test_summary_says_what_the_sheet_shows(result):
+    """levels.png's text is in summary.json: the checkpoint's step, the padding, the loss of
+    predicting the mean next to each loss, and, for this untrained model, a plain warning."""
+    out, summary = result
+    assert summary["checkpoint_step"] == 3 and summary["checkpoint_source"] == "mimcore"
+    heading = summary["sheet_text"][0]
+    assert "step 3" in heading
+    assert any("0% of it lies outside the volume" in line for line in summary["sheet_text"])
+    for lv in summary["levels"]:
+        assert 0.5 < lv["baseline_loss"] <= 1.0  # predicting every norm-pix token as its mean
+        lo, hi = lv["display_window_hu"]
+        assert -1000 <= lo < hi <= 1000 and hi - lo >= 500  # one window per level, a quarter of the model's at least
+        assert all(e["padded_fraction"] == 0.0 for e in lv["volumes"])
+    # a random model reconstructs no better than the mean: the sheet and the summary say so
+    assert summary["learning"]["loss_to_baseline"] > 0.9
+    assert "has not learned yet at step 3" in summary["learning"]["warning"]
+    assert summary["sheet_text"][-1].startswith("WARNING: the model has not learned yet")
+    assert summary["spacing"] == {"requested": "auto", "used": "native", "trained": "native"}
+
+
+def test_learning_warning_only_when_no_better_than_the_mean():
+    from mimcore.reconstruct_figure import learning_warning
+
+    ratio, text = learning_warning([0.99, 1.0, 1.01], [1.0, 1.0, 1.0], 80, is_mim=True)
+    assert ratio > 0.9 and "not learned yet at step 80" in text and "flat blocks" in text
+    ratio, text = learning_warning([0.3, 0.4, 0.5], [1.0, 1.0, 1.0], 5000, is_mim=True)
+    assert ratio < 0.5 and text is None
+
+
+def test_one_window_per_level_keeps_air_noise_flat(tmp_path):
+    """Air with +-5 HU noise stays one flat dark grey (per-row auto-contrast made it texture),
+    and the row's three panels share the window: a reconstruction 400 HU brighter shows brighter."""
+    import matplotlib.image
+
+    from mimcore.reconstruct_figure import SheetRow, display_window, write_sheet
+
+    rng = np.random.default_rng(0)
+    air = (-1000 + 5 * rng.standard_normal((1, 32, 32, 32))).astype(np.float32)
+    pad = np.zeros(air.shape, dtype=bool)
+    window = display_window(air, pad, (-1000.0, 1000.0))
+    assert window[1] - window[0] >= 500 and window[0] == -1000.0
+    arrays = {"original": air[0], "hidden": air[0], "reconstruction": air[0] + 400}
+    hidden = np.zeros((32, 32, 32), dtype=bool)
+    row = SheetRow("level 1", arrays, np.eye(4), hidden, pad[0], window, 1.0, 1.0)
+    path = write_sheet(tmp_path / "levels.png", [row], "test")
+    img = matplotlib.image.imread(path)[..., :3].mean(-1)
+    # panels: the three dark/grey squares of the one row (columns with many non-white pixels)
+    ink = img < 0.9
+    cols = np.nonzero(ink.sum(0) > 100)[0]
+    runs = np.split(cols, np.nonzero(np.diff(cols) > 1)[0] + 1)
+    assert len(runs) == 3
+    rows = np.nonzero(ink[:, runs[0]].sum(1) > 0.5 * len(runs[0]))[0]
+    centre = slice(rows[0] + 20, rows[-1] - 20)
+    original, reconstruction = (img[centre, r[10:-10]] for r in (runs[0], runs[2]))
+    # noise of +-5 HU in a >= 500 HU window: at most a few grey levels (letters excluded by the margins)
+    assert np.percentile(original, 95) - np.percentile(original, 5) < 0.05
+    assert np.median(reconstruction) > np.median(original) + 0.3
+
+
+def test_all_padding_crop_is_refused(tmp_path, capsys):
+    """A checkpoint pre-trained with a foreground crop and a centre in air far from the body:
+    the crop would hold nothing of the volume, so the command refuses (exit 2) and writes nothing."""
+    values = np.full((96, 96, 96), -1000.0, dtype=np.float32)
+    values[80:, 80:, 80:] = 40.0  # the "body", in one corner
+    image = save_volume(tmp_path / "air.nii.gz", values, np.eye(4))
+    meta = {"model": CFG.to_dict(), "mim": MiMConfig().to_dict(), "preset": "tiny",
+            "preprocessing": Preprocessing(crop_foreground=True).to_dict()}
+    ckpt = save_checkpoint(tmp_path / "run", 1, MiMPretrainModel(CFG), meta)
+    out = tmp_path / "out"
+    rc = main(["reconstruct", "--checkpoint", str(ckpt), "--image", str(image), "--center", "5", "5", "5",
+               "--output", str(out), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "all padding" in err and "--center" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_thick_slices_say_why_and_offer_spacing():
+    """A 7 mm-slice CT and a checkpoint pre-trained at native spacing: the 64-voxel crop is 448 mm
+    tall against a 210 mm volume; the note says moving --center cannot help and names --spacing."""
+    from mimcore.data.volume_io import Volume
+    from mimcore.reconstruct import extract_crop
+    from mimcore.reconstruct_spacing import padding_note, preview_preprocessing
+
+    affine = np.diag([1.5, 1.5, 7.0, 1.0])
+    vol = Volume(np.zeros((160, 160, 30), dtype=np.float32), affine, "thick")  # 240 x 240 x 210 mm
+    trained = Preprocessing()
+    prep, info = preview_preprocessing(trained, "auto")
+    assert prep.spacing is None and info["used"] == "native"
+    crop = extract_crop(vol, CFG.crop_size, prep)
+    note = padding_note(crop, CFG.crop_size, prep, trained)
+    assert crop.padded_fraction > 0.5  # 34 of 64 slices
+    assert "cannot avoid it" in note and "S 448 mm against the volume's 210 mm" in note and "--spacing X Y Z" in note
+    # with --spacing the crop fits along S and is placed at the same RAS centre
+    prep3, info3 = preview_preprocessing(trained, (3.0, 3.0, 3.0))
+    assert info3 == {"requested": [3.0, 3.0, 3.0], "used": [3.0, 3.0, 3.0], "trained": "native"}
+    crop3 = extract_crop(vol, CFG.crop_size, prep3)
+    assert crop3.padded_fraction == 0.0  # 64 x 3 mm = 192 mm: inside the 210 mm
+    np.testing.assert_allclose(np.linalg.norm(crop3.affine[:3, :3], axis=0), 3.0, atol=1e-6)
+    assert np.linalg.norm(crop3.center_ras - crop.center_ras) < 7.0
+    # a checkpoint with a recorded spacing: auto uses it, native opts out
+    rec = Preprocessing(spacing=(2.0, 2.0, 2.0))
+    assert preview_preprocessing(rec, "auto")[0].spacing == (2.0, 2.0, 2.0)
+    assert preview_preprocessing(rec, "native")[0].spacing is None
+
+
+def test_spacing_option_resamples_the_preview(setup, tmp_path, capsys):
+    """`--spacing X Y Z` on a checkpoint pre-trained at native spacing: the preview is on that grid,
+    every voxel still holds the source's intensity at its world position, and the crop's RAS centre
+    is the requested one. `--progress none` prints no per-level lines."""
+    spacing = [0.6, 0.85, 1.1]
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]),
+                 "--center", *[f"{v:.6f}" for v in WORLD_CENTER], "--output", str(out),
+                 "--spacing", *map(str, spacing), "--progress", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "reconstructed" not in printed and "summary:" in printed
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["spacing"] == {"requested": spacing, "used": spacing, "trained": "native"}
+    crop_affine = np.array(summary["crop"]["affine"])
+    np.testing.assert_allclose(np.linalg.norm(crop_affine[:3, :3], axis=0), spacing, atol=1e-6)
+    assert np.linalg.norm(np.array(summary["crop"]["center_ras"]) - WORLD_CENTER) < np.linalg.norm(spacing)
+    entry = summary["levels"][1]["volumes"][0]
+    vol = load_volume(out / entry["files"]["original"])
+    np.testing.assert_allclose(vol.array, hu_at(world_of_voxels(vol.affine, vol.shape)), atol=2e-2)
+
+
+@pytest.mark.parametrize("bad", [["--progress", "text2"], ["--spacing", "1", "2"], ["--spacing", "0", "1", "1"]])
+def test_bad_options_exit_2(setup, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        rc = main(["reconstruct", "--checkpoint", str(setup["ckpt"]), "--image", str(setup["image"]), *bad])
+        raise SystemExit(rc)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("--progress" in err or "--spacing" in err)
+
+
+def _as_authors(state: dict) -> dict:
+    """Our MiMPretrainModel state dict under the authors' names (and 1x1x1 conv shapes)."""
+    from mimcore.methods.mim_official import map_name
+
+    ref = json.loads((Path(__file__).parent / "data" / "mim_official_pretrain_state_dict_shapes.json")
+                     .read_text(encoding="utf-8"))["tensors"]
+    out = {}
+    for name, shape in ref.items():
+        mapped = map_name(name)
+        if mapped is not None and mapped[0] in state:
+            t = state[mapped[0]]
+            out[name] = t.reshape(*t.shape, 1, 1, 1) if len(shape) == 5 and t.dim() == 2 else t.clone()
+    assert {map_name(n)[0] for n in out} == set(state)  # every tensor of ours has an authors' name
+    return out
+
+
+def test_authors_pth_is_imported(setup, result, tmp_path, capsys):
+    """`--checkpoint authors.pth` (a UnicodeDecodeError traceback before): read with
+    torch.load(weights_only=True), renamed, loaded into the MiM model of its size; the same
+    weights as the project checkpoint give the same reconstruction. `--progress text` (the old
+    name of bar) is still accepted and prints a line per level."""
+    from mimcore.methods.registry import load_pretrain_checkpoint
+
+    model, _ = load_pretrain_checkpoint(setup["ckpt"])
+    pth = tmp_path / "authors.pth"
+    torch.save({"model": _as_authors(model.state_dict()), "epoch": 799}, pth)
+    out = tmp_path / "out"
+    rc = main(["reconstruct", "--checkpoint", str(pth), "--image", str(setup["image"]),
+               "--center", *[f"{v:.6f}" for v in setup["center"]], "--output", str(out), "--seed", "3",
+               "--progress", "text"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "level 3/3 reconstructed" in captured.out
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["checkpoint_source"] == "authors" and summary["checkpoint_step"] is None
+    assert "authors' published checkpoint" in summary["sheet_text"][0]
+    assert summary["preprocessing"]["hu_min"] == -1000 and summary["preprocessing"]["spacing"] is None
+    for key, value in result[1]["losses"].items():
+        assert summary["losses"][key] == pytest.approx(value, rel=1e-5)
+
+
+def test_unreadable_checkpoints_say_what_to_pass(setup, tmp_path, capsys):
+    garbage = tmp_path / "authors.pth"
+    garbage.write_bytes(b"\x80\x04not really a pickle" * 10)
+    binary_json = tmp_path / "checkpoint_00000001.json"
+    binary_json.write_bytes(b"\xff\xfe\x00binary")
+    for path, words in ((garbage, "not a plain tensor checkpoint"), (binary_json, "authors' MiM .pth")):
+        rc = main(["reconstruct", "--checkpoint", str(path), "--image", str(setup["image"]),
+                   "--output", str(tmp_path / "never")])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err and "UnicodeDecodeError" not in err
+    assert not (tmp_path / "never").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mimcore.devices import DEVICE_CHOICES
-from mimcore.errors import MimError
+from mimcore.errors import MimError, OutputError
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -31,8 +31,14 @@ def add_parser(sub) -> None:
     p.add_argument("--png", action="store_true",
                    help="also write <name>.png: the labels over axial, coronal and sagittal slices")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
-    p.add_argument("--precision", choices=("auto", "fp32"), default="auto",
-                   help="auto = bf16/fp16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto = bf16/fp16 autocast on CUDA; on the CPU fp32, or bf16 with --fast where the CPU "
+                        "has native bf16 (AVX-512 BF16/AMX); bf16 = bf16 autocast on any device")
+    p.add_argument("--fast", action="store_true",
+                   help="the fast profile: bf16 autocast on CPUs with native bf16, channels-last, and the network "
+                        "run only on windows that hold part of the body (found at low resolution; windows of "
+                        "air give background). Inside the body the windows are the default path's; "
+                        "Testing/benchmarks/bench_segment.py prints the Dice of fast against the default")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -63,10 +69,8 @@ def run(ns: argparse.Namespace) -> int:
     from mimcore.bundles.library import get_model
     from mimcore.data.datalist import volumes_from_folder
     from mimcore.data.labels import Label
-    from mimcore.data.segfile import save_seg_nrrd
-    from mimcore.data.volume_io import dicom_series_files, load_volume, save_volume
+    from mimcore.data.volume_io import dicom_series_files
     from mimcore.inference.segment import Segmenter
-    from mimcore.training.progress import Progress
 
     source = Path(ns.input).expanduser()
     if not source.exists():
@@ -91,36 +95,73 @@ def run(ns: argparse.Namespace) -> int:
             state["report"].update(state["done"], {})
 
     seg = Segmenter(bundle, ns.device, ns.overlap, ns.sw_batch, ns.tta, ns.keep_largest, ns.precision,
-                    events=event, windows=windows)
+                    events=event, windows=windows, profile="fast" if ns.fast else "reference")
     segments = [Label.from_dict(lab) for lab in bundle.labels]
     event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device))
-    written = []
+    written, failed = [], []
     for i, (src, dst) in enumerate(zip(inputs, outputs)):
-        t0 = time.perf_counter()
-        vol = load_volume(src)
-        state["done"] = 0
-        state["report"] = Progress(f"segment {i + 1}/{len(inputs)} {case_name(src)}", seg.total_windows(vol),
-                                   ns.progress)
-        labels = seg.segment(vol)
-        state["report"].close()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        save_volume(dst, labels, reference=vol, dtype=labels.dtype)
-        files = [str(dst)]
-        if ns.seg_nrrd:
-            seg_path = dst.with_name(case_name(dst) + ".seg.nrrd")
-            save_seg_nrrd(seg_path, labels, vol.affine, segments)
-            files.append(str(seg_path))
-        if ns.png:
-            from mimcore.inference.overlay import write_overlay_png
-
-            window = (bundle.preprocessing.get("hu_min", -175.0), bundle.preprocessing.get("hu_max", 250.0))
-            files.append(str(write_overlay_png(vol, labels, segments, dst.with_name(case_name(dst) + ".png"),
-                                               window, title=f"{src.name}: {bundle.name}")))
-        present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v]
-        event("case", input=str(src), outputs=files, seconds=round(time.perf_counter() - t0, 2),
-              labels_present=present)
-        if not json_mode and ns.progress != "none":
-            print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s)")
-        written += files
+        try:
+            written += segment_case(ns, seg, bundle, segments, src, dst, f"{i + 1}/{len(inputs)}", state, event)
+        except MimError as err:
+            if state["report"] is not None:
+                state["report"].close()
+                state["report"] = None
+            if not batch:
+                raise
+            failed.append((src, str(err)))
+            event("warning", message=f"{src.name} failed: {err}")
+            if isinstance(err, OutputError) and err.no_space:  # every case that follows would fail too
+                failed += [(rest, "not attempted: the disk is full") for rest in inputs[i + 1:]]
+                break
+    if failed:
+        raise MimError(failure_summary(failed, len(inputs), written))
     event("done", outputs=written)
     return 0
+
+
+def failure_summary(failed: list[tuple[Path, str]], total: int, written: list[str]) -> str:
+    """One line per input that failed, with the reason, after what was written."""
+    lines = [f"{len(failed)} of {total} input(s) could not be segmented"
+             f"{f' ({len(written)} file(s) written for the others)' if written else ''}:"]
+    lines += [f"  {src}: {reason}" for src, reason in failed]
+    lines.append("Fix or remove these inputs and run again on them.")
+    return "\n".join(lines)
+
+
+def segment_case(ns, seg, bundle, segments, src: Path, dst: Path, position: str, state, event) -> list[str]:
+    """Segment one input and write its outputs (each atomic and verified); returns their paths.
+    Raises MimError (OutputError when an output cannot be written)."""
+    from mimcore.data.segfile import save_seg_nrrd
+    from mimcore.data.volume_io import load_volume, save_volume
+    from mimcore.inference.hu_check import hu_warning
+    from mimcore.training.progress import Progress
+
+    json_mode = ns.progress == "json"
+    t0 = time.perf_counter()
+    vol = load_volume(src)
+    note = hu_warning(vol.array, bundle.preprocessing, bundle.name, str(src))
+    if note:
+        event("warning", message=note)
+    state["done"] = 0
+    state["report"] = Progress(f"segment {position} {case_name(src)}", seg.total_windows(vol), ns.progress)
+    labels = seg.segment(vol)
+    state["report"].close()
+    state["report"] = None
+    save_volume(dst, labels, reference=vol, dtype=labels.dtype, what="label map")
+    files = [str(dst)]
+    if ns.seg_nrrd:
+        seg_path = dst.with_name(case_name(dst) + ".seg.nrrd")
+        save_seg_nrrd(seg_path, labels, vol.affine, segments)
+        files.append(str(seg_path))
+    if ns.png:
+        from mimcore.inference.overlay import write_overlay_png
+
+        window = (bundle.preprocessing.get("hu_min", -175.0), bundle.preprocessing.get("hu_max", 250.0))
+        files.append(str(write_overlay_png(vol, labels, segments, dst.with_name(case_name(dst) + ".png"),
+                                           window, title=f"{src.name}: {bundle.name}")))
+    present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v]
+    event("case", input=str(src), outputs=files, seconds=round(time.perf_counter() - t0, 2),
+          labels_present=present)
+    if not json_mode and ns.progress != "none":
+        print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s)")
+    return files

@@ -30,9 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from mimcore.data.labels import Label, default_color, present_values, remap_array, to_label_array
-from mimcore.data.volume_io import affine_from_sitk, itk_message, quiet_itk, to_sitk
+from mimcore.data.volume_io import affine_from_sitk, itk_message, quiet_itk, to_sitk, write_image
 from mimcore.errors import MimError
-from mimcore.files import atomic_write
 
 BINARY_LABELMAP = "Binary labelmap"
 
@@ -79,7 +78,8 @@ def seg_nrrd_header(labels_shape: tuple[int, int, int], affine: np.ndarray, segm
 
 
 def save_seg_nrrd(path: str | os.PathLike, labels, affine: np.ndarray, segments: list[Label]) -> Path:
-    """Write a label map as a 3D Slicer segmentation file (``.seg.nrrd``), atomically.
+    """Write a label map as a 3D Slicer segmentation file (``.seg.nrrd``), atomically and verified
+    (:func:`mimcore.data.volume_io.write_image`: a full disk is an OutputError, nothing left behind).
 
     labels:   ``(X, Y, Z)`` integer label map (numpy or torch; whole-number floats accepted),
               0 = background; voxels equal to ``segment.value`` belong to that segment.
@@ -108,22 +108,7 @@ def save_seg_nrrd(path: str | os.PathLike, labels, affine: np.ndarray, segments:
     image = to_sitk(labels, affine)
     for key, value in seg_nrrd_header(labels.shape, affine, segments).items():
         image.SetMetaData(key, value)
-
-    def write(tmp: str) -> None:
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO("NrrdImageIO")  # the temporary name has no .nrrd suffix
-        writer.SetFileName(tmp)
-        writer.UseCompressionOn()
-        with quiet_itk():
-            writer.Execute(image)
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, write)
-    except (RuntimeError, OSError) as err:
-        reason = itk_message(err) if isinstance(err, RuntimeError) else (err.strerror or str(err))
-        raise MimError(f"Could not write {path}: {reason}. Check that the folder is writable "
-                       "and the disk is not full.") from None
+    write_image(image, path, what="segmentation")  # atomic and verified; OutputError on failure
     return path
 
 

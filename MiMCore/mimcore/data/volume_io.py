@@ -12,7 +12,11 @@ Conventions used everywhere in ``mimcore``:
 
 Supported inputs: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
 (``.mha``, ``.mhd``) and DICOM series directories. Every failure a user can cause is a
-:class:`mimcore.errors.MimError` whose message says what is wrong and what to do.
+:class:`mimcore.errors.MimError` whose message says what is wrong and what to do; NaN or
+infinite voxels are refused (in NIfTI they are counted on the raw data with nibabel, since
+ITK reads them as 0). Writing (:func:`save_volume`, :func:`write_image`) is atomic and
+verified (:func:`mimcore.files.atomic_write`): a full disk is an OutputError, never a
+truncated file at the final name.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import gzip
 import os
 import re
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -205,12 +210,13 @@ def _read_file(path: Path) -> sitk.Image:
     return image
 
 
-def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
+def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader, full: bool = False) -> None:
     """ITK's NIfTI reader fills a truncated file's missing voxels with zeros, silently.
 
     Compare the data length implied by the header (as ITK parsed it) with what the
     file holds. For ``.nii.gz`` the gzip trailer's length field is compared first; only
-    when it disagrees is the whole stream decompressed (which checks end marker and CRC).
+    when it disagrees (or with ``full``, used to verify a file just written) is the whole
+    stream decompressed (which checks end marker and CRC).
     """
     keys = set(reader.GetMetaDataKeys())
     if not {"vox_offset", "bitpix", "dim[0]"} <= keys or reader.GetMetaData("nifti_type") not in ("1", "4"):
@@ -221,7 +227,7 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as raw:  # fast path: the gzip trailer holds the length mod 2**32
             raw.seek(max(path.stat().st_size - 4, 0))
-            if int.from_bytes(raw.read(4), "little") == expected % (1 << 32):
+            if not full and int.from_bytes(raw.read(4), "little") == expected % (1 << 32):
                 return
         length = 0
         try:
@@ -272,13 +278,63 @@ def load_volume(path: str | os.PathLike) -> Volume:
     image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
     image = _as_3d_scalar(image, path)
     is_float = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+    counts = None
+    if is_float and not path.is_dir() and volume_suffix(path) in (".nii", ".nii.gz"):
+        counts = nifti_nonfinite_counts(path)  # ITK reads NaN/Inf in NIfTI as 0: look at the raw data
     float_image = sitk.Cast(image, sitk.sitkFloat32)
     array = np.ascontiguousarray(sitk.GetArrayViewFromImage(float_image).transpose(2, 1, 0))
-    bad = int(array.size - np.count_nonzero(np.isfinite(array))) if is_float else 0
-    if bad:
-        raise MimError(f"{path} has {bad} NaN or infinite voxel(s) out of {array.size}. Replace them "
-                       "(e.g. with the background value) before using it.")
+    if counts is None and is_float:
+        counts = (int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array))), array.size)
+    if counts and (counts[0] or counts[1]):
+        raise MimError(nonfinite_message(path, *counts))
     return Volume(array, affine_from_sitk(image), str(path))
+
+
+def nonfinite_message(path, nan: int, inf: int, total: int) -> str:
+    """What is wrong with a volume holding NaN/infinite voxels, and what to do."""
+    parts = [f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n]
+    share = "all" if nan + inf == total else f"{100.0 * (nan + inf) / max(total, 1):.3g} %"
+    why = (" SimpleITK, and so 3D Slicer, reads them in NIfTI as 0 (water in CT), so a segmentation of it "
+           "would look valid and be wrong." if volume_suffix(path) in (".nii", ".nii.gz") else "")
+    return (f"{path} has {nan + inf} NaN or infinite voxel(s) ({', '.join(parts)}) out of {total} ({share}).{why} "
+            "Replace them with the background value (for CT -1024, e.g. numpy.nan_to_num(data, nan=-1024) "
+            "with nibabel) or crop them away, then run again.")
+
+
+def nifti_nonfinite_counts(path: str | os.PathLike, chunk_bytes: int = 1 << 26) -> tuple[int, int, int] | None:
+    """``(NaN count, infinite count, voxel count)`` of a floating-point NIfTI's raw data, read
+    with nibabel independently of ITK (which turns both into 0), in chunks of ``chunk_bytes``
+    (memory stays small for big volumes; a ``.nii.gz`` is decompressed once).
+
+    Returns None when nibabel cannot parse the file (the caller then checks the array ITK
+    returned); ``(0, 0, n)`` for integer data, which cannot hold NaN.
+    """
+    try:
+        import nibabel as nib
+        from nibabel.openers import ImageOpener
+
+        img = nib.load(str(path))
+        dtype = img.header.get_data_dtype()
+        offset = int(img.dataobj.offset)
+        total = int(np.prod(img.shape))
+    except Exception:  # noqa: BLE001 - not parseable by nibabel: fall back to ITK's array
+        return None
+    if dtype.kind not in "fc":
+        return 0, 0, total
+    step = max(chunk_bytes // dtype.itemsize, 1) * dtype.itemsize
+    nan = inf = 0
+    remaining = total * dtype.itemsize
+    with ImageOpener(str(path), "rb") as stream:
+        stream.seek(offset)
+        while remaining > 0:
+            data = stream.read(min(step, remaining))
+            if not data:
+                break
+            values = np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype=dtype)
+            nan += int(np.count_nonzero(np.isnan(values)))
+            inf += int(np.count_nonzero(np.isinf(values)))
+            remaining -= len(data)
+    return nan, inf, total
 
 
 def _prepare_array(array, dtype) -> np.ndarray:
@@ -316,15 +372,16 @@ def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 
 def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None,
-                reference: Volume | str | os.PathLike | None = None, dtype=None) -> Path:
+                reference: Volume | str | os.PathLike | None = None, dtype=None, what: str = "volume") -> Path:
     """Write ``array`` (``(X, Y, Z)`` or ``(1, X, Y, Z)``, numpy or torch) with its RAS affine.
 
     The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``,
     ``.mhd``). ``affine`` may be omitted when ``reference`` (a Volume or a volume path) is
     given: the array is then written on the reference's grid, and its shape must match.
     ``dtype`` sets the voxel type on disk (e.g. ``np.uint8`` for label maps; values are
-    rounded); default: the array's dtype (float64 is written as float32).
-    Returns the written path.
+    rounded); default: the array's dtype (float64 is written as float32). ``what`` names the
+    file in error messages (``"label map"``). Written atomically and verified
+    (:func:`write_image`). Returns the written path.
     """
     path = Path(path).expanduser()
     if volume_suffix(path) not in WRITE_SUFFIXES:
@@ -340,11 +397,90 @@ def save_volume(path: str | os.PathLike, array, affine: np.ndarray | None = None
     if affine is None:
         raise MimError("save_volume needs an affine or a reference volume to place the array in space.")
     image = to_sitk(array, affine)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_image(image, path, what=what)
+
+
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
+
+
+def verify_volume_file(path: str | os.PathLike, size: tuple[int, ...] | None = None) -> None:
+    """Check that a volume file just written is complete: its header reads back with size
+    ``size``; for NIfTI the data the header needs is all there (the whole gzip stream of a
+    ``.nii.gz`` decompresses, in constant memory; ITK alone would read a truncated NIfTI
+    with zeros); other formats are read whole by ITK (its NRRD and MetaImage readers fail
+    on missing data). Raises OSError saying what is wrong."""
+    path = Path(path)
+    nifti = volume_suffix(path) in (".nii", ".nii.gz")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
         with quiet_itk():
-            sitk.WriteImage(image, str(path), useCompression=True)
+            reader.ReadImageInformation()
+            if not nifti:
+                reader.Execute()
     except RuntimeError as err:
-        raise MimError(f"Could not write {path}: {itk_message(err)}. Check that the folder is "
-                       "writable and the disk is not full.") from None
-    return path
+        raise OSError(f"the file written does not read back ({itk_message(err)})") from None
+    if size is not None and tuple(reader.GetSize()) != tuple(size):
+        raise OSError(f"the file written reads back with size {reader.GetSize()}, not {tuple(size)}")
+    if nifti:
+        try:
+            _check_nifti_complete(path, reader, full=True)
+        except MimError as err:
+            raise OSError(f"the file written is incomplete ({str(err).split('. Copy')[0]})") from None
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, what: str = "volume") -> Path:
+    """Write a SimpleITK image atomically (:func:`mimcore.files.atomic_write`) and verify it
+    (:func:`verify_volume_file`); the format follows the suffix. Errors a C library prints
+    instead of raising (NIfTI on a full disk) are caught and become the message.
+
+    For the two-file formats (``.nhdr``, ``.mhd``) both files are written and verified in a
+    temporary folder, then the data file is moved into place and the header last, so the
+    header (the name a user opens) appears only when both are complete.
+    Raises :class:`~mimcore.errors.OutputError` ("no space left on device" ...) and leaves
+    nothing at ``path`` when anything fails.
+    """
+    from mimcore.files import apply_umask, atomic_write, captured_c_stderr
+
+    path = Path(path).expanduser()
+    suffix = volume_suffix(path)
+    printed: list[str] = []
+
+    def itk_write(target: str) -> None:
+        try:
+            with quiet_itk(), captured_c_stderr(printed):
+                sitk.WriteImage(image, target, useCompression=True)
+        except RuntimeError as err:
+            raise RuntimeError(itk_message(err)) from None
+
+    def write(tmp: str) -> None:
+        if suffix not in DETACHED_SUFFIXES:
+            itk_write(tmp)
+            return
+        import shutil
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            itk_write(str(work / path.name))
+            verify(str(work / path.name))  # before anything moves next to the final name
+            for item in work.iterdir():
+                if item.name != path.name:  # the data file, named after the final header
+                    apply_umask(item)
+                    os.replace(item, path.parent / item.name)
+            shutil.copyfile(work / path.name, tmp)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def verify(tmp: str) -> None:
+        try:
+            verify_volume_file(tmp, image.GetSize())
+        except OSError as err:
+            said = " ".join(" ".join(printed).split()).replace("** ERROR:", "").strip()
+            raise OSError(f"{err}{'; the writer said: ' + said if said else ''}") from None
+
+    written = atomic_write(path, write, verify, keep_suffix=suffix, what=what)
+    text = "".join(printed).strip()
+    if text:  # the writer printed something yet wrote a complete file: pass it on
+        print(text, file=sys.stderr)
+    return written

@@ -25,14 +25,15 @@ CSV_FIELDS = ("case_id", *ROW_FIELDS, "prediction", "reference")
 
 
 def _write(path: str | os.PathLike, text: str) -> Path:
+    """Write a report atomically and verified (a full disk is an OutputError, exit 2, with
+    nothing left at ``path``)."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
     except OSError as err:
-        raise MimError(f"Could not write {path}: {err.strerror or err}. Check that the folder is writable "
-                       "and the disk is not full.") from None
-    return path
+        raise MimError(f"Could not create the folder {path.parent}: {err.strerror or err}. Check that it "
+                       "is writable and the disk is not full.") from None
+    return atomic_write_text(path, text, what="report")
 
 
 def csv_text(evaluation: Evaluation) -> str:

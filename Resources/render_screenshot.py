@@ -67,7 +67,8 @@ def train_and_segment(work: Path, steps: int, labels: str, model: str | None) ->
         # Coarse spacing: a tiny model finds the big organs after a few dozen CPU steps.
         mim("finetune", "--datalist", str(ft_list), "--labels", labels, "--preset", "tiny",
             "--spacing", "6", "6", "4", "--lr", "3e-3", "--steps", str(steps), "--val-every", str(steps),
-            "--output", str(run), "--device", "cpu", "--progress", "none", "--no-tensorboard")
+            "--output", str(run), "--device", "cpu", "--progress", "none", "--no-tensorboard",
+            "--resume")  # a reused --workdir continues (or keeps) its run instead of being refused
         model = str(run / "model")
     seg = work / "segmentation.nii.gz"
     mim("segment", str(target), "--model", model, "--output", str(seg), "--seg-nrrd", "--device", "cpu",

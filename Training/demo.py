@@ -43,7 +43,7 @@ def main() -> int:
     datalist = Path(mim("data", "samples", capture=True).strip().splitlines()[-1])
     held_out = json.loads(datalist.read_text(encoding="utf-8"))["held_out"][0]["image"]
     run = out / "pretrain"
-    resume = ["--resume"] if list(run.glob("checkpoint_*.json")) else []  # an interrupted demo continues
+    resume = ["--resume"]  # an interrupted demo continues (a run with no checkpoint yet starts afresh)
     mim("pretrain", "--datalist", str(datalist), "--preset", args.preset, "--steps", str(args.steps),
         "--warmup-steps", str(max(1, args.steps // 5)), "--lr", "3e-4", "--output", str(run),
         "--save-every", str(max(1, args.steps // 2)), *resume)
@@ -61,7 +61,6 @@ def main() -> int:
                                    "training": [{"image": str(base / series["image"]),
                                                  "label": str(base / series["label"])}]}, indent=1))
     ft = out / "finetune"
-    resume = ["--resume"] if list(ft.glob("checkpoint_*.json")) else []
     mim("finetune", "--datalist", str(ft_list), "--labels", args.organs, "--init", str(run),
         "--spacing", "6", "6", "4", "--steps", str(args.finetune_steps), "--lr", "3e-3",
         "--val-every", str(max(1, args.finetune_steps // 2)), "--save-every", str(max(1, args.finetune_steps // 2)),

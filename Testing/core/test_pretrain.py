@@ -45,7 +45,8 @@ def test_checkpoint_is_complete_and_verified(tmp_path, ct_folder, capsys):
     assert meta["preset"] == "tiny" and meta["step"] == 1 and meta["model"]["input_size"] == 32
     assert meta["preprocessing"] == {"hu_min": -1000.0, "hu_max": 1000.0, "orientation": "RAS", "spacing": None,
                                      "crop_foreground": False}
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    # nothing temporary is left; the run folder's lock file (.mim-run.lock, training/run_folder.py) stays
+    assert not list(tmp_path.glob("*.tmp")) and [p.name for p in tmp_path.glob(".*")] == [".mim-run.lock"]
     # a modified weights file is refused with a clear message
     w = tmp_path / "checkpoint_00000001.safetensors"
     data = bytearray(w.read_bytes())

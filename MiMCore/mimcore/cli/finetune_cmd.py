@@ -73,7 +73,12 @@ def add_parser(sub) -> None:
     job.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     job.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     job.add_argument("--resume", nargs="?", const="auto", help="continue from the run folder's last checkpoint "
-                                                               "(or the one given)")
+                                                               "(none yet: start at step 0), or from the one given")
+    job.add_argument("--overwrite", action="store_true", help="replace a previous run in --output: delete its "
+                     "checkpoints, logs, curves and model bundle (other files are kept); without it (or --resume) "
+                     "a non-empty --output is refused")
+    job.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                     help="keep only the N latest checkpoints (and the best-validated step's); 0 keeps all")
     job.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     job.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     job.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
@@ -81,6 +86,14 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from mimcore.training.run_folder import claim_before_launch
+
+    with claim_before_launch(ns.output, "finetune", resume=ns.resume, overwrite=ns.overwrite) as folder:
+        return _finetune(ns, folder)
+
+
+def _finetune(ns: argparse.Namespace, folder) -> int:
+    """Run the fine-tuning that ``ns`` describes in the claimed run ``folder`` (None: the run claims it)."""
     from mimcore.training.finetune import FinetuneArgs, run_finetune
 
     fields = FinetuneArgs.__dataclass_fields__
@@ -88,7 +101,7 @@ def run(ns: argparse.Namespace) -> int:
     for key in ("spacing", "hu_window"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
-    summary = run_finetune(FinetuneArgs(**values))
+    summary = run_finetune(FinetuneArgs(**values), folder)
     if ns.progress != "json" and summary.get("model"):
         kept = "" if summary["kept"] == "best" else f"; the bundle holds step {summary['step']} (--keep last)"
         print(f"best validation Dice {summary['best_dice']:.4f} (step {summary['best_step']}){kept}; "

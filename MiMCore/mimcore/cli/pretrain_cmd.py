@@ -94,7 +94,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=0, metavar="N", help="Also checkpoint every N steps.")
     run.add_argument("--log-every", type=int, default=1, metavar="N", help="Report progress every N steps.")
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="Continue exactly from the latest checkpoint in --output, or from CKPT.")
+                     help="Continue exactly from the latest checkpoint in --output (none yet: start at step 0), "
+                          "or from CKPT.")
+    run.add_argument("--overwrite", action="store_true",
+                     help="Replace a previous run in --output: delete its checkpoints, logs and curves (other "
+                          "files are kept). Without it (or --resume) a non-empty --output is refused.")
+    run.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                     help="Keep only the N latest checkpoints (the final one among them); 0 (default) keeps all.")
     run.add_argument("--no-tensorboard", action="store_true")
     run.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                      help="bar (default), json (one event per line on stdout, for GUIs) or none.")
@@ -105,32 +111,72 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help='MiM settings, e.g. \'{"level2_mask_ratio": 0.6, "loss_weights": {...}}\'.')
     run.add_argument("--method-config", type=json.loads, default={}, metavar="JSON",
                      help='Settings of the method, e.g. \'{"mask_ratio": 0.6}\' for MAE/SimMIM.')
-    p.set_defaults(func=lambda args: handler(args, p))
+    defaults = defer_defaults(p)
+    p.set_defaults(func=lambda args: handler(args, defaults))
     return p
 
 
-def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill options still at their default from a recipe JSON ``{"args": {...}, "effective_batch": N}``."""
+class _Unset:
+    """The parsed value of an option not given on the command line (see :func:`defer_defaults`)."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+UNSET = _Unset()
+
+
+def defer_defaults(parser: argparse.ArgumentParser) -> dict:
+    """Make every option of ``parser`` parse to :data:`UNSET` unless given on the command line,
+    and return the built-in defaults: so that a value given on the command line (even one equal
+    to the default, e.g. ``--workers 0``) wins over ``--config``, which wins over the default
+    (:func:`resolve_options`). The defaults are also kept as ``parser.built_in_defaults``."""
+    defaults = {a.dest: a.default for a in parser._actions
+                if a.dest not in ("help", "config") and a.default is not argparse.SUPPRESS}
+    parser.set_defaults(**{dest: UNSET for dest in defaults})
+    parser.built_in_defaults = defaults
+    return defaults
+
+
+def resolve_options(args: argparse.Namespace, defaults: dict) -> None:
+    """Give every option its value, in order of precedence: the command line, the ``--config``
+    recipe (:func:`apply_config`), the built-in default."""
+    unset = {dest for dest, value in vars(args).items() if value is UNSET}
+    recipe = apply_config(args, unset) if getattr(args, "config", None) else {}
+    for dest in unset - set(recipe):
+        setattr(args, dest, defaults[dest])
+    if recipe.get("effective_batch") and "accum" in unset and "accum" not in recipe:
+        eff = recipe["effective_batch"]
+        per_step = args.batch * int(os.environ.get("WORLD_SIZE", "1"))
+        if eff % per_step:
+            raise MimError(f"effective_batch {eff} of {args.config} is not a multiple of batch x processes = "
+                           f"{per_step}")
+        args.accum = eff // per_step
+
+
+def apply_config(args: argparse.Namespace, unset: set[str]) -> dict:
+    """Set the options in ``unset`` (not given on the command line) that a recipe JSON
+    ``{"args": {...}, "effective_batch": N}`` sets. Returns ``{dest: value}`` of the recipe's
+    options (plus ``effective_batch``, if it has one)."""
     path = Path(args.config)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         recipe = dict(cfg["args"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise MimError(f"cannot use recipe {path}: {e}; it must be JSON with an \"args\" object") from None
+    given = {}
     for key, value in recipe.items():
         if key.startswith("_"):
             continue  # a comment
         dest = key.replace("-", "_")
-        if not hasattr(args, dest):
+        if not hasattr(args, dest) or dest in ("func", "command", "config"):
             raise MimError(f"recipe {path} sets unknown option {key!r}")
-        if getattr(args, dest) == parser.get_default(dest):
+        given[dest] = value
+        if dest in unset:
             setattr(args, dest, value)
-    eff = cfg.get("effective_batch")
-    if eff and args.accum == parser.get_default("accum"):
-        per_step = args.batch * int(os.environ.get("WORLD_SIZE", "1"))
-        if eff % per_step:
-            raise MimError(f"effective_batch {eff} of {path} is not a multiple of batch x processes = {per_step}")
-        args.accum = eff // per_step
+    if cfg.get("effective_batch"):
+        given["effective_batch"] = cfg["effective_batch"]
+    return given
 
 
 def parse_spacing(values) -> tuple[float, float, float] | str | None:
@@ -150,11 +196,18 @@ def parse_spacing(values) -> tuple[float, float, float] | str | None:
     return spacing
 
 
-def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def handler(args: argparse.Namespace, defaults: dict) -> int:
+    from mimcore.training.run_folder import claim_before_launch
+
+    resolve_options(args, defaults)
+    with claim_before_launch(args.output, "pretrain", resume=args.resume, overwrite=args.overwrite) as folder:
+        return _pretrain(args, folder)
+
+
+def _pretrain(args: argparse.Namespace, folder) -> int:
+    """Run the pre-training that ``args`` describe in the claimed run ``folder`` (None: the run claims it)."""
     from mimcore.training.pretrain import PretrainArgs, run_pretrain
 
-    if args.config:
-        apply_config(args, parser)
     resolve_backbone(args.method, args.backbone)  # exit code 2 with the allowed pairs
     mim_settings = dict(args.mim)
     if args.alignment is not None:
@@ -170,11 +223,12 @@ def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         crops_per_volume=args.crops_per_volume, crop_foreground=args.crop_foreground,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed, device=args.device,
         precision=args.precision, workers=args.workers, save_every=args.save_every, log_every=args.log_every,
-        resume=args.resume, progress=args.progress, tensorboard=not args.no_tensorboard,
+        resume=args.resume, overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints,
+        progress=args.progress, tensorboard=not args.no_tensorboard,
         hu_window=tuple(args.hu_window) if args.hu_window else None, spacing=parse_spacing(args.spacing),
         mim=mim_settings, method=args.method, backbone=args.backbone,
         method_config=args.method_config,
-    ))
+    ), folder)
     if args.progress != "json" and "checkpoint" in summary:
         print(f"final checkpoint: {summary['checkpoint']}")
         print(f"loss curve:       {summary['loss_curve']}")

@@ -43,10 +43,22 @@ def datalist_entries(datalist_path: str | os.PathLike, section: str) -> list[dic
     path = Path(datalist_path).expanduser().resolve()
     data = read_datalist(path)
     sections = [k for k, v in data.items() if isinstance(v, list)]
+    if section in data and not isinstance(data[section], list):
+        value = data[section]
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise MimError(f"The section '{section}' of the datalist {path} is not a list of entries: it is "
+                       f"{_json_kind(value)} ({shown}). Make it a list such as "
+                       f"[{{\"image\": \"imagesTr/case1.nii.gz\", \"label\": \"labelsTr/case1.nii.gz\"}}, ...].")
     if section not in sections:
-        raise MimError(f"The datalist {path} has no section '{section}'; it has: {', '.join(sections) or 'none'}.")
+        raise MimError(f"The datalist {path} has no section '{section}'; it has: "
+                       f"{', '.join(sections) or 'no list of entries'}.")
     entries, missing = [], []
-    for item in data[section]:
+    for i, item in enumerate(data[section]):
+        if not isinstance(item, (dict, str)):
+            raise MimError(f"Entry {i + 1} of section '{section}' in the datalist {path} is {_json_kind(item)}; "
+                           "each entry must be an object such as {\"image\": \"...\", \"label\": \"...\"} or an "
+                           "image path.")
         entry = dict(item) if isinstance(item, dict) else {"image": item}
         for key in PATH_KEYS:
             if isinstance(entry.get(key), str):
@@ -58,6 +70,14 @@ def datalist_entries(datalist_path: str | os.PathLike, section: str) -> list[dic
         raise MimError(f"{len(missing)} file(s) listed in {path} ('{section}') do not exist, e.g. {missing[0]}. "
                        "Fix the paths (they are relative to the datalist's folder) or fetch the data again.")
     return entries
+
+
+def _json_kind(value) -> str:
+    """'a string', 'a number', ... : what a JSON value is, for messages."""
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = ((str, "a string"), ((int, float), "a number"), (dict, "an object"), (list, "a list"))
+    return next((word for kind, word in kinds if isinstance(value, kind)), "null")
 
 
 def volumes_from_folder(folder: str | os.PathLike) -> list[Path]:

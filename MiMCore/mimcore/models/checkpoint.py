@@ -51,23 +51,46 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, meta: dict
                     optimizer: torch.optim.Optimizer | None = None, fmt: str = FORMAT) -> Path:
     """Write the checkpoint of ``step`` into ``run_dir``; returns the JSON path.
 
-    ``meta`` must be JSON-serialisable (config, schedule state, metrics ...).
+    ``meta`` must be JSON-serialisable (config, schedule state, metrics ...). A checkpoint
+    of the same step that is already there stops being one first (its JSON is deleted). When
+    a write fails (a full disk: :class:`~mimcore.errors.OutputError`), the files of this step
+    written so far are deleted, so the latest complete checkpoint is the previous one.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stem = run_dir / f"checkpoint_{step:08d}"
-    weights = stem.with_suffix(".safetensors")
+    weights, optim_path, json_path = stem.with_suffix(".safetensors"), Path(f"{stem}.optim.safetensors"), \
+        stem.with_suffix(".json")
+    json_path.unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": fmt}))
-    doc = dict(meta, format=fmt, step=step, weights=weights.name, weights_sha256=sha256_file(weights))
-    if optimizer is not None:
-        optim_path = Path(f"{stem}.optim.safetensors")
-        tensors, rest = _optimizer_tensors(optimizer)
-        atomic_write(optim_path, lambda tmp: save_file(tensors, tmp))
-        doc.update(optimizer=optim_path.name, optimizer_sha256=sha256_file(optim_path), optimizer_rest=rest)
-    json_path = stem.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(doc, indent=1))
+    try:
+        atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": fmt}),
+                     lambda tmp: _check_tensor_file(tmp, len(state)), what="checkpoint weights")
+        doc = dict(meta, format=fmt, step=step, weights=weights.name, weights_sha256=sha256_file(weights))
+        if optimizer is not None:
+            tensors, rest = _optimizer_tensors(optimizer)
+            atomic_write(optim_path, lambda tmp: save_file(tensors, tmp),
+                         lambda tmp: _check_tensor_file(tmp, len(tensors)), what="checkpoint optimizer state")
+            doc.update(optimizer=optim_path.name, optimizer_sha256=sha256_file(optim_path), optimizer_rest=rest)
+        atomic_write_text(json_path, json.dumps(doc, indent=1), what="checkpoint description")
+    except BaseException:
+        for path in (json_path, weights, optim_path):  # the JSON first: no half checkpoint looks complete
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise
     return json_path
+
+
+def _check_tensor_file(path: str, expected: int) -> None:
+    """Raise unless ``path`` is a safetensors file with ``expected`` tensors (its header is read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        found = len(list(f.keys()))
+    if found != expected:
+        raise OSError(f"{found} of {expected} tensors in the written file")
 
 
 def find_checkpoint(path: Path) -> Path:

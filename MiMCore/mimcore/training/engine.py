@@ -29,10 +29,12 @@ One optimizer step of :meth:`Engine.run`::
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
+import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from mimcore.models.checkpoint import FORMAT, save_checkpoint
 from mimcore.training.distributed import DistInfo
 from mimcore.training.logs import log_metrics
 from mimcore.training.progress import Progress
+from mimcore.training.run_folder import checkpoint_steps, prune_checkpoints
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -99,6 +102,25 @@ class LossScaler:
             self.scaler.load_state_dict(state)
 
 
+def checkpoint_failed(run_dir: Path, step: int, err: BaseException) -> MimError:
+    """The MimError for a checkpoint that could not be written: why, and which complete
+    checkpoint a ``--resume`` continues from (the save deleted its partial files)."""
+    if getattr(err, "no_space", False) or getattr(err, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        try:
+            free = f", {shutil.disk_usage(run_dir).free // 1024} KiB free"
+        except OSError:
+            free = ""
+        reason = f"no space left on the device{free}"
+    else:
+        reason = str(err) if isinstance(err, MimError) else (getattr(err, "strerror", None) or str(err))
+    steps = [s for s in checkpoint_steps(run_dir) if s < step]
+    latest = (f"the latest complete checkpoint is still {run_dir / f'checkpoint_{steps[-1]:08d}.json'} (step "
+              f"{steps[-1]})" if steps else "there is no complete checkpoint yet")
+    return MimError(f"the checkpoint of step {step} could not be saved in {run_dir} ({reason.rstrip('.')}); "
+                    f"training stopped, {latest}. Free some space (or keep fewer checkpoints with "
+                    "--keep-checkpoints N), then continue with --resume")
+
+
 def replay_schedule(scheduler, steps: int) -> None:
     """Advance ``scheduler`` by ``steps`` optimizer steps (a resumed run continues its schedule)."""
     with warnings.catch_warnings():
@@ -137,6 +159,12 @@ class Engine:
     lr_group:        the parameter group whose learning rate is logged as ``lr``.
     log_every:       progress event every N steps (and the last); ``save_every``: a
                      checkpoint every N steps (0: only at the end and on Ctrl-C).
+    keep_checkpoints: after each complete save keep only the N most recent checkpoints
+                     (0: all) plus the steps ``protected()`` returns (fine-tuning: the best);
+                     :func:`mimcore.training.run_folder.prune_checkpoints`.
+
+    A checkpoint that cannot be written (a full disk) stops the run with a MimError that
+    names the latest complete checkpoint, which stays the one ``--resume`` continues from.
     """
 
     model: torch.nn.Module
@@ -159,6 +187,8 @@ class Engine:
     lr_group: int = 0
     log_every: int = 1
     save_every: int = 0
+    keep_checkpoints: int = 0
+    protected: Callable[[], Iterable[int]] | None = None
 
     def autocast(self):
         """The mixed-precision context of the forward passes (a no-op in fp32)."""
@@ -166,11 +196,22 @@ class Engine:
                               enabled=self.amp_dtype is not None)
 
     def save(self, step: int, metrics: dict) -> None:
-        """Write the checkpoint of ``step`` (rank 0) and report it."""
+        """Write the checkpoint of ``step`` (rank 0), report it, then apply ``keep_checkpoints``."""
         if self.dist_info.is_main:
             meta = dict(self.checkpoint_meta(metrics), scaler=self.scaler.state_dict())
-            path = save_checkpoint(self.run_dir, step, self.model, meta, self.optimizer, fmt=self.fmt)
+            try:
+                path = save_checkpoint(self.run_dir, step, self.model, meta, self.optimizer, fmt=self.fmt)
+            except (MimError, OSError) as err:
+                raise checkpoint_failed(self.run_dir, step, err) from None
             self.report.event("checkpoint", path=str(path), step=step)
+            if self.keep_checkpoints:
+                try:
+                    prune_checkpoints(self.run_dir, self.keep_checkpoints, step,
+                                      self.protected() if self.protected is not None else ())
+                except OSError as err:  # the new checkpoint is safe: training goes on, the user is told
+                    self.report.event("note", message=f"--keep-checkpoints: an older checkpoint in {self.run_dir} "
+                                                      f"could not be deleted ({err.strerror or err}); delete it "
+                                                      "by hand if space is short")
 
     def train_step(self, step: int, batches: Iterator, forward: Callable, loss: Callable | None) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns the step's metrics (means

@@ -41,9 +41,10 @@ from mimcore.training.finetune_data import LabelledCrops, cached_cases, collate_
 from mimcore.training.finetune_labels import resolve_labels
 from mimcore.training.finetune_init import build_network, param_groups
 from mimcore.training.finetune_plot import plot_curves
-from mimcore.training.logs import tensorboard_writer, truncate_metrics
+from mimcore.training.logs import append_jsonl, tensorboard_writer, truncate_metrics
 from mimcore.training.pretrain_data import StepBatches, stream_seed
 from mimcore.training.progress import Progress
+from mimcore.training.run_folder import RunFolder, claim_run_folder
 
 FORMAT = "mimcore.finetune.v1"
 
@@ -84,7 +85,9 @@ class FinetuneArgs:
     overlap: float = 0.5
     sw_batch: int = 2
     save_every: int = 0
-    resume: str | None = None
+    resume: str | None = None  # "auto": the run folder's latest checkpoint (none yet: start at step 0)
+    overwrite: bool = False  # delete a previous run's files in the run folder (run_folder.RunFolder)
+    keep_checkpoints: int = 0  # keep the N latest checkpoints (0: all) and the best-validated step's
     progress: str = "bar"
     tensorboard: bool = True
     workers: int = 0
@@ -92,9 +95,10 @@ class FinetuneArgs:
     extra: dict = field(default_factory=dict)
 
 
-def run_finetune(args: FinetuneArgs) -> dict:
-    """Run (or resume) fine-tuning. Returns a summary dict (also the ``done`` event)."""
-    return distributed.launch(args.device, lambda device, info: _run(args, device, info))
+def run_finetune(args: FinetuneArgs, folder: RunFolder | None = None) -> dict:
+    """Run (or resume) fine-tuning. Returns a summary dict (also the ``done`` event).
+    ``folder``: the run folder, already claimed (:func:`run_folder.claim_before_launch`)."""
+    return distributed.launch(args.device, lambda device, info: _run(args, device, info, folder))
 
 
 def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, overlap: float, sw_batch: int,
@@ -114,7 +118,20 @@ def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, 
     return np.stack(rows)
 
 
-def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
+def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo,
+         folder: RunFolder | None = None) -> dict:
+    """The run, holding its run folder (lock, no silent reuse, orphans: :mod:`run_folder`):
+    ``folder`` if the caller claimed it already, else claimed here by every rank together."""
+    if args.keep_checkpoints < 0:
+        raise MimError(f"--keep-checkpoints must be 0 (keep all) or more, not {args.keep_checkpoints}")
+    if folder is not None:
+        return _train(args, device, dist_info, folder)
+    with claim_run_folder(args.output, "finetune", resume=args.resume, overwrite=args.overwrite,
+                          dist_info=dist_info) as folder:
+        return _train(args, device, dist_info, folder)
+
+
+def _train(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo, folder: RunFolder) -> dict:
     run_dir = Path(args.output)
     train_cases = find_cases(args.datalist, args.images, args.label_dir, args.section)
     if not train_cases:
@@ -125,9 +142,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
         val_cases = train_cases
         val_note = "no validation cases: validating on the training cases (Dice measures fit, not generalisation)"
 
-    resume_from = None
-    if args.resume:
-        resume_from = find_checkpoint(run_dir if args.resume == "auto" else Path(args.resume))
+    resume_from = folder.resume_point(args.resume)
 
     labels, mapping, init_bundle = resolve_labels(args)
     preset = args.preset or (init_bundle.description["architecture"].get("preset") if init_bundle else None) \
@@ -191,6 +206,8 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     meta_base = {"args": _jsonable(asdict(args)), "labels": bundle_desc["labels"], "preprocessing": prep,
                  "total_steps": total, "warmup_steps": warmup, "world_size": dist_info.world,
                  "init": init_report.to_dict() if init_report else None}
+    if dist_info.is_main:  # --overwrite: the previous run goes now, once the inputs are checked
+        folder.start(fresh=resume_from is None)
     writer = tensorboard_writer(run_dir, args) if dist_info.is_main else None
     metrics_path, val_path = run_dir / "metrics.jsonl", run_dir / "validation.jsonl"
     if dist_info.is_main:
@@ -204,14 +221,15 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
     if resume_from is not None:
         report.event("resume", path=str(resume_from), step=start)
     for note in ([init_report.summary()] if init_report else ["no --init: the encoder starts from random weights"]) \
-            + build_notes + ([val_note] if val_note else []):
+            + build_notes + ([val_note] if val_note else []) + folder.notes:
         report.event("note", message=note)
 
     engine = Engine(net, model, optimizer, scheduler, scaler, device, amp_dtype, dist_info, report, run_dir,
                     checkpoint_meta=lambda metrics: dict(meta_base, metrics=metrics, best_dice=best,
                                                          best_step=best_step, stale=stale),
                     metrics_path=metrics_path, writer=writer, fmt=FORMAT, log_tag="finetune/train",
-                    clip_grad=args.clip_grad, lr_group=-1, save_every=args.save_every)
+                    clip_grad=args.clip_grad, lr_group=-1, save_every=args.save_every,
+                    keep_checkpoints=args.keep_checkpoints, protected=lambda: (best_step,))
 
     def save_bundle_now(step: int, dice: float | None, per_class: dict) -> None:
         from mimcore.bundles.bundle import save_bundle
@@ -252,8 +270,7 @@ def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistIn
                 save_bundle_now(step, score, per_class)
             record = {"step": step, "dice": round(score, 4), "per_class": per_class,
                       "best_dice": round(best, 4), "best_step": best_step}
-            with open(val_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(val_path, record)
             if writer is not None:
                 writer.add_scalar("finetune/val/dice", score, step)
             metrics["dice"] = round(score, 4)

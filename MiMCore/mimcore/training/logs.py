@@ -6,6 +6,8 @@ import json
 import warnings
 from pathlib import Path
 
+from mimcore.errors import MimError
+
 
 def tensorboard_writer(run_dir: Path, args):
     if not args.tensorboard:
@@ -19,16 +21,36 @@ def tensorboard_writer(run_dir: Path, args):
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metric lines up to ``step`` (a resumed run rewrites what follows)."""
+    """Keep only the metric lines up to ``step`` (a resumed run rewrites what follows); the
+    file is replaced atomically. A last line cut short by a kill is dropped."""
+    from mimcore.files import atomic_write_text
+
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(ln)
+        except ValueError:
+            continue  # a line cut short when the run was killed
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            lines.append(ln)
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines), what="metrics log")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line to a run log; MimError (what to do) when it cannot be written."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise MimError(f"cannot write the run log {path}: {err.strerror or err}. Free some space or make the "
+                       "folder writable, then continue with --resume") from None
 
 
 def log_metrics(path: Path, writer, step: int, metrics: dict, tag: str = "pretrain") -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    """One step's metrics: a line of ``metrics.jsonl`` and TensorBoard scalars under ``tag``."""
+    append_jsonl(path, {"step": step, **metrics})
     if writer is not None:
         for k, v in metrics.items():
             writer.add_scalar(f"{tag}/{k}", v, step)

@@ -38,6 +38,7 @@ from mimcore.training.optim import make_optimizer, scaled_lr, warmup_cosine
 from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
 from mimcore.training.logs import tensorboard_writer, truncate_metrics
 from mimcore.training.progress import Progress
+from mimcore.training.run_folder import RunFolder, claim_run_folder
 
 
 @dataclass
@@ -76,7 +77,9 @@ class PretrainArgs:
     workers: int = 0
     save_every: int = 0
     log_every: int = 1
-    resume: str | None = None
+    resume: str | None = None  # "auto": the run folder's latest checkpoint (none yet: start at step 0)
+    overwrite: bool = False  # delete a previous run's files in the run folder (run_folder.RunFolder)
+    keep_checkpoints: int = 0  # keep the N latest checkpoints (0: all)
     progress: str = "bar"
     tensorboard: bool = True
     hu_window: tuple[float, float] | None = None
@@ -133,10 +136,11 @@ def _schedule_steps(args: PretrainArgs, steps_per_epoch: int) -> tuple[int, int]
     return total, min(warm, total)
 
 
-def run_pretrain(args: PretrainArgs) -> dict:
-    """Run (or resume) pre-training. Returns a summary dict (also the ``done`` event)."""
+def run_pretrain(args: PretrainArgs, folder: RunFolder | None = None) -> dict:
+    """Run (or resume) pre-training. Returns a summary dict (also the ``done`` event).
+    ``folder``: the run folder, already claimed (:func:`run_folder.claim_before_launch`)."""
     resolve_backbone(args.method, args.backbone)  # a wrong pair fails before anything starts
-    return distributed.launch(args.device, lambda device, info: _run(args, device, info))
+    return distributed.launch(args.device, lambda device, info: _run(args, device, info, folder))
 
 
 def method_options(args: PretrainArgs) -> dict:
@@ -177,7 +181,20 @@ def _prep_options(prep: Preprocessing) -> str:
     return f"--hu-window {prep.hu_min:g} {prep.hu_max:g}, {spacing}, {fg}"
 
 
-def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo) -> dict:
+def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo,
+         folder: RunFolder | None = None) -> dict:
+    """The run, holding its run folder (lock, no silent reuse, orphans: :mod:`run_folder`):
+    ``folder`` if the caller claimed it already, else claimed here by every rank together."""
+    if args.keep_checkpoints < 0:
+        raise MimError(f"--keep-checkpoints must be 0 (keep all) or more, not {args.keep_checkpoints}")
+    if folder is not None:
+        return _train(args, device, dist_info, folder)
+    with claim_run_folder(args.output, "pretrain", resume=args.resume, overwrite=args.overwrite,
+                          dist_info=dist_info) as folder:
+        return _train(args, device, dist_info, folder)
+
+
+def _train(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo, folder: RunFolder) -> dict:
     run_dir = Path(args.output)
     options = method_options(args)
     args = resolve_settings(args)
@@ -185,9 +202,7 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
                          spacing=None if args.spacing == "native" else args.spacing,
                          crop_foreground=bool(args.crop_foreground))
     volumes = find_volumes(args.datalist, args.data_dir, args.section)
-    resume_from = None
-    if args.resume:
-        resume_from = find_checkpoint(run_dir if args.resume == "auto" else Path(args.resume))
+    resume_from = folder.resume_point(args.resume)
 
     torch.manual_seed(args.seed)
     model, crop_size, model_meta = build_pretrain_model(args.method, args.backbone, args.preset, options)
@@ -231,6 +246,8 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     meta_base = {**model_meta, "crop_size": crop_size, "preprocessing": prep.to_dict(), "args": asdict(args),
                  "lr": lr, "effective_batch": eff_batch, "total_steps": total, "warmup_steps": warmup,
                  "world_size": dist_info.world}
+    if dist_info.is_main:  # --overwrite: the previous run goes now, once the inputs are checked
+        folder.start(fresh=resume_from is None)
     writer = tensorboard_writer(run_dir, args) if dist_info.is_main else None
     metrics_path = run_dir / "metrics.jsonl"
     if dist_info.is_main:
@@ -243,13 +260,15 @@ def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistIn
     report.event("note", message=f"{lr_rule}; warm-up {warmup} of {total} steps, cosine to {args.min_lr:g}; "
                                  f"AdamW betas {tuple(args.betas)}, weight decay {args.weight_decay:g}",
                  lr_rule=lr_rule)
+    for note in folder.notes:
+        report.event("note", message=note)
     if resume_from is not None:
         report.event("resume", path=str(resume_from), step=start)
 
     engine = Engine(model, net, optimizer, scheduler, scaler, device, amp_dtype, dist_info, report, run_dir,
                     checkpoint_meta=lambda metrics: dict(meta_base, metrics=metrics), metrics_path=metrics_path,
                     writer=writer, accum=args.accum, clip_grad=args.clip_grad, log_every=args.log_every,
-                    save_every=args.save_every)
+                    save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
 
     def forward(net: torch.nn.Module, crop: torch.Tensor, step: int, micro: int) -> dict:
         """The method's losses on one micro-batch, its masks drawn from this micro-batch's own seed."""

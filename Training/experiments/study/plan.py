@@ -31,6 +31,7 @@ def plan_pretraining(cfg: dict, data: dict, out: Path, runner: Runner) -> dict:
         n_probe = int(budget.get("probe_steps", 4))
         probe_dir = out / "probe" / arm.key
         cmd = pretrain_command(cfg, data, arm, cfg["pretrain"].get("seed", 0), n_probe, probe_dir, probe=True)
+        cmd.append("--overwrite")  # the probe always starts afresh (its folder holds this runner's logs)
         volumes = data["pretrain_volumes"]
         if len(volumes) > PROBE_VOLUMES:  # seconds per step do not depend on how many volumes there are
             probe_list = out / "data" / "probe.json"

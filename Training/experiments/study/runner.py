@@ -48,13 +48,15 @@ class Runner:
     def step(self, folder: Path, stage: str, cmd: list[str], what: str, resume_flag: list[str] | None = None,
              extra: dict | None = None) -> dict | None:
         """Run ``cmd`` for ``stage`` in ``folder`` unless its marker exists. ``resume_flag`` is
-        added when the folder already holds a checkpoint (an interrupted run). Returns the marker."""
+        always added: ``mim pretrain/finetune --resume`` continues an interrupted run from its
+        last checkpoint, or starts at step 0 when there is none yet (and the folder, which holds
+        this runner's logs, is not refused as a used one). Returns the marker."""
         marker = self.done(folder, stage)
         if marker is not None:
             self.skipped.append((stage, str(folder)))
             print(f"[skip] {what}: done ({fmt_time(marker.get('wall_s'))})", flush=True)
             return marker
-        if resume_flag and any(folder.glob("checkpoint_*.json")):
+        if resume_flag:
             cmd = cmd + resume_flag
         if self.dry_run:
             print(f"[dry-run] {what}\n$ {shell(cmd)}", flush=True)

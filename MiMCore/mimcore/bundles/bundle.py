@@ -24,11 +24,16 @@ key                type   meaning
 
 Nothing here unpickles anything: weights are read with safetensors, their sha256 is
 checked on every load, and zips are extracted member by member after refusing paths
-that would leave the bundle directory (``../x``, absolute paths, symlinks).
+that would leave the bundle directory (``../x``, absolute paths, symlinks) and zips that
+are no bundle's size or shape (too many entries, zip bombs). A zip is extracted once into
+the cache, atomically (:func:`mimcore.files.atomic_dir`), and kept only when its weights
+verify; every bundle, zip and extraction is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -42,17 +47,27 @@ from pathlib import Path, PurePosixPath
 from safetensors import SafetensorError, safe_open
 
 from mimcore.bundles.layout import DESCRIPTION_FILE
-from mimcore.errors import MimError
-from mimcore.files import atomic_write, sha256_file
+from mimcore.errors import MimError, OutputError
+from mimcore.files import atomic_dir, atomic_write, clean_orphans, free_bytes, sha256_file
 
 BUNDLE_FORMAT = "mimcore.bundle.v1"
 WEIGHTS_FILE = "weights.safetensors"
 _FORMAT_RE = re.compile(r"^mimcore\.bundle\.v(\d+)$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-# Zip-bomb guards: a bundle unpacks to at most this much, and no member larger than
-# MAX_RATIO_FROM_BYTES may be compressed more than MAX_RATIO times (weights barely compress).
-MAX_UNPACKED_BYTES = 16 << 30
+# Zip-bomb guards, checked on the zip's directory before anything is written. A bundle is a
+# handful of files (model.json, the weights, perhaps a README and folders): at most MAX_MEMBERS
+# entries. Its weights are float tensors, which hardly compress (write_zip stores them), so
+# the whole zip may unpack to at most MAX_TOTAL_RATIO times its own size once past
+# MAX_TOTAL_RATIO_FROM_BYTES (small bundles of zeros stay usable), no member larger than
+# MAX_RATIO_FROM_BYTES may be compressed more than MAX_RATIO times, and nothing unpacks to more
+# than MAX_UNPACKED_BYTES: the largest network mimcore builds (MiM base, UNETR ViT-B) has
+# under 0.5 GiB of fp32 weights, so 4 GiB leaves 8x room.
+MAX_MEMBERS = 64
+MAX_UNPACKED_BYTES = 4 << 30
+MAX_TOTAL_RATIO, MAX_TOTAL_RATIO_FROM_BYTES = 20, 64 << 20
 MAX_RATIO, MAX_RATIO_FROM_BYTES = 100, 8 << 20
+#: extraction folders older than this in the cache were left by a killed process
+STALE_EXTRACTION_S = 3600.0
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar")
 _REQUIRED = {"format": str, "name": str, "architecture": dict, "labels": list, "preprocessing": dict,
              "inference": dict, "training": dict, "weights": dict}
@@ -282,16 +297,12 @@ def save_bundle(dest: str | os.PathLike, state_dict: dict[str, torch.Tensor], de
             raise MimError(f"{dest} is a directory; give a .zip file path to save a zipped bundle")
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
             _write_bundle_files(Path(tmp), tensors, description)
-            atomic_write(dest, lambda path: write_zip(Path(tmp), path))
+            atomic_write(dest, lambda path: write_zip(Path(tmp), path), verify_zip, what="zipped model bundle")
         return dest
     if dest.exists() and not _is_replaceable_bundle_dir(dest):
         raise MimError(f"{dest} exists and is not a model bundle; choose a new folder for the bundle")
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(dest, replace=True, what="model bundle") as tmp:
         _write_bundle_files(tmp, tensors, description)
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -326,6 +337,15 @@ def write_zip(folder: Path, zip_path: str | os.PathLike) -> None:
         zf.write(folder / DESCRIPTION_FILE, DESCRIPTION_FILE, compress_type=zipfile.ZIP_DEFLATED)
         # float weights hardly compress: store them, which also keeps extraction fast
         zf.write(folder / desc["weights"]["file"], desc["weights"]["file"], compress_type=zipfile.ZIP_STORED)
+
+
+def verify_zip(zip_path: str | os.PathLike) -> None:
+    """Raise ValueError unless every member of ``zip_path`` reads back with its CRC (for
+    :func:`mimcore.files.atomic_write`: a zip cut short by a full disk is never renamed into place)."""
+    with zipfile.ZipFile(zip_path) as zf:
+        bad = zf.testzip()
+    if bad is not None:
+        raise ValueError(f"member {bad!r} of the written zip does not read back")
 
 
 # --------------------------------------------------------------------------- loading
@@ -389,19 +409,22 @@ def _open_zip(zip_path: Path, cache_dir: str | os.PathLike | None) -> tuple[Path
     target = root / key
     if not (target / ".complete").is_file():
         root.mkdir(parents=True, exist_ok=True)
+        clean_orphans(root, min_age_s=STALE_EXTRACTION_S)  # what killed extractions left
         if target.exists():  # left incomplete by hand: start over
             shutil.rmtree(target, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key[:16]}.", suffix=".tmp"))
         try:
-            extract_zip_bundle(zip_path, tmp)
-            (tmp / ".complete").touch()
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / ".complete").is_file():  # not a concurrent extraction that won
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # built under a temporary name and renamed when complete: any failure (a refused
+            # or broken zip, a bundle that does not verify, a full disk) leaves nothing here
+            with atomic_dir(target, what="extracted model bundle") as tmp:
+                inner = extract_zip_bundle(zip_path, tmp)
+                try:
+                    Bundle(inner, read_description(inner / DESCRIPTION_FILE)).verify()
+                except MimError as e:
+                    raise MimError(f"the zipped model bundle {zip_path} is damaged, nothing was kept: {e}") from None
+                (tmp / ".complete").touch()
+        except OutputError:
+            if not (target / ".complete").is_file():  # not a concurrent extraction that won
+                raise
     inner = _bundle_root_in(target)
     return inner, read_description(inner / DESCRIPTION_FILE)
 
@@ -434,10 +457,13 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
     """Safely extract a zipped bundle into the existing directory ``dest``; returns the bundle folder.
 
     Refused (:class:`MimError`, nothing extracted): absolute paths, ``..`` components,
-    backslashes, symlinks and other special files, duplicate names, zip bombs (see
-    MAX_UNPACKED_BYTES, MAX_RATIO), and zips without a
+    backslashes, symlinks and other special files, duplicate names, more entries than a
+    bundle has (MAX_MEMBERS), zip bombs (MAX_UNPACKED_BYTES, MAX_TOTAL_RATIO, MAX_RATIO),
+    more than the disk has free, and zips without a
     model.json at the top (or in a single top-level folder). A zip holding a pickle
     (``torch.save`` writes zips of pickles) is named as such and never unpickled.
+    A failure half-way (a damaged member, a full disk) removes what was written into
+    ``dest`` before the :class:`MimError` is raised.
     """
     zip_path, dest = Path(zip_path), Path(dest)
     try:
@@ -445,6 +471,10 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
     except (zipfile.BadZipFile, OSError) as e:
         raise MimError(f"{zip_path} is not a readable zip file ({e}); re-download or re-export the bundle") from None
     with zf:
+        if len(zf.infolist()) > MAX_MEMBERS:
+            raise MimError(f"{zip_path} holds {len(zf.infolist())} entries; a model bundle is a handful of files "
+                           f"(model.json and {WEIGHTS_FILE}), at most {MAX_MEMBERS}. Refusing to extract it: "
+                           "zip only the bundle folder (`mim models export NAME out.zip` writes such a zip)")
         members = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
         names = [i.filename for i in members]
         for info in members:
@@ -452,8 +482,10 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
         if len(set(names)) != len(names):
             raise MimError(f"{zip_path} lists the same file twice; refusing an ambiguous zip")
         _check_sizes(zip_path, members)
+        _check_free_space(zip_path, members, dest)
         files = [n for n in names if not n.endswith("/")]
         prefix = _zip_bundle_prefix(zip_path, files)
+        before = set(os.listdir(dest))
         try:
             for info in members:
                 target = dest.joinpath(*PurePosixPath(info.filename).parts)
@@ -465,10 +497,29 @@ def extract_zip_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike) -> 
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
-            # RuntimeError: encrypted; NotImplementedError: unsupported compression
-            raise MimError(f"{zip_path} cannot be extracted ({e}); re-download or re-export the bundle") from None
+        except BaseException as e:
+            _remove_new_entries(dest, before)  # a failure half-way leaves nothing behind
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise MimError(f"the disk filled up while extracting {zip_path} into {dest} (no space left on "
+                               "device); nothing was kept. Free some space (or set MIM_MODELS_DIR to a folder on a "
+                               "larger disk) and try again") from None
+            if isinstance(e, (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError)):
+                # RuntimeError: encrypted; NotImplementedError: unsupported compression
+                raise MimError(f"{zip_path} cannot be extracted ({e}); nothing was kept. Re-download or "
+                               "re-export the bundle (or free some disk space, if that is the cause)") from None
+            raise
     return dest / prefix if prefix else dest
+
+
+def _remove_new_entries(folder: Path, before: set[str]) -> None:
+    """Delete what appeared in ``folder`` since its listing was ``before``."""
+    for name in set(os.listdir(folder)) - before:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _check_member(zip_path: Path, info: zipfile.ZipInfo) -> None:
@@ -494,11 +545,25 @@ def _check_sizes(zip_path: Path, members: list[zipfile.ZipInfo]) -> None:
     if total > MAX_UNPACKED_BYTES:
         raise MimError(f"{zip_path} would unpack to {total / 2**30:.1f} GiB, more than a model bundle's limit of "
                        f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB; refusing to extract it (the zip is broken or malicious)")
+    archive = zip_path.stat().st_size
+    if total > MAX_TOTAL_RATIO_FROM_BYTES and total > MAX_TOTAL_RATIO * archive:
+        raise MimError(f"{zip_path} would unpack to {total / 2**20:.0f} MiB, {total / max(1, archive):.0f} times its "
+                       f"own size ({archive / 2**20:.1f} MiB); model weights hardly compress, so a bundle unpacks to "
+                       f"at most {MAX_TOTAL_RATIO} times its zip. Refusing a likely zip bomb")
     for info in members:
         if info.file_size > MAX_RATIO_FROM_BYTES and info.file_size > MAX_RATIO * max(1, info.compress_size):
             raise MimError(f"{zip_path}: member {info.filename!r} unpacks {info.file_size / max(1, info.compress_size):.0f}"
                            f" times larger than it is stored ({info.file_size / 2**20:.0f} MiB); model weights do not "
                            "compress like that, refusing a likely zip bomb")
+
+
+def _check_free_space(zip_path: Path, members: list[zipfile.ZipInfo], dest: Path) -> None:
+    """Refuse to start an extraction the disk cannot hold (it would fail half-way)."""
+    need = sum(i.file_size for i in members)
+    free = free_bytes(dest)
+    if free is not None and need > free:
+        raise MimError(f"{zip_path} unpacks to {need / 2**20:.1f} MiB but only {free / 2**20:.1f} MiB are free in "
+                       f"{dest}; free some space (or set MIM_MODELS_DIR to a folder on a larger disk) and try again")
 
 
 def _zip_bundle_prefix(zip_path: Path, files: list[str]) -> str:

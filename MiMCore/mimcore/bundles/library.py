@@ -3,8 +3,8 @@
 The library is ``$MIM_MODELS_DIR`` if set, else ``platformdirs.user_data_dir("mimcore")/models``
 (every function also takes ``library=`` to use another folder). Each model is a
 sub-folder named after it holding ``model.json`` and ``weights.safetensors``; hidden
-entries (``.cache`` for downloads and extracted zips, ``.add-*`` staging folders) are
-not models.
+entries (``.cache`` for downloads and extracted zips, ``.add-.*.tmp`` staging folders) are
+not models; staging folders a killed process left are removed by the next addition.
 
 A model enters the library only after its copy there was verified (description valid,
 weights size and sha256 as stated, safetensors header readable), and then appears at
@@ -29,12 +29,12 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from mimcore.bundles.bundle import (DESCRIPTION_FILE, Bundle, extract_zip_bundle, load_bundle, read_description,
-                                    replace_dir, write_zip)
+from mimcore.bundles.bundle import (DESCRIPTION_FILE, STALE_EXTRACTION_S, Bundle, extract_zip_bundle, load_bundle,
+                                    read_description, verify_zip, write_zip)
 from mimcore.bundles.download import download, is_url, local_path, read_text
 from mimcore.bundles.layout import ENV_REGISTRY, NAME_PATTERN, cache_dir, library_dir, slugify
-from mimcore.errors import MimError
-from mimcore.files import atomic_write
+from mimcore.errors import MimError, OutputError
+from mimcore.files import atomic_dir, atomic_write, clean_orphans
 
 EXPORT_FORMATS = ("zip", "dir", "monai")
 
@@ -111,7 +111,7 @@ def remove_model(name: str, library: str | os.PathLike | None = None) -> Path:
     folder = lib / check_name(name)
     if not folder.is_dir():
         raise MimError(f"no model named {name!r} in the library; {_available(lib)}")
-    trash = Path(tempfile.mkdtemp(dir=lib, prefix=f".{name}.", suffix=".removed"))
+    trash = Path(tempfile.mkdtemp(dir=lib, prefix=f".{name}.", suffix=".tmp"))  # an orphan if killed
     os.rmdir(trash)
     os.rename(folder, trash)  # disappears from the library at once
     shutil.rmtree(trash, ignore_errors=True)
@@ -180,7 +180,8 @@ def add_model(source: str | os.PathLike, name: str | None = None, registry: str 
     if name is not None:
         check_name(name)
     lib.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=lib, prefix=".add-", suffix=".tmp"))
+    clean_orphans(lib, min_age_s=STALE_EXTRACTION_S)  # staging folders of killed additions
+    staging = Path(tempfile.mkdtemp(dir=lib, prefix=".add-.", suffix=".tmp"))  # clean_orphans' pattern
     downloaded: Path | None = None
     try:
         path = Path(str(source)).expanduser()
@@ -199,13 +200,15 @@ def add_model(source: str | os.PathLike, name: str | None = None, registry: str 
         if dest.exists() and not overwrite:
             raise MimError(f"a model named {final!r} is already in the library ({dest}); pass --overwrite "
                            "(overwrite=True) to replace it, or --name to add it under another name")
-        new = _copy_bundle(bundle, _mkdir(staging / "bundle"), final)
-        load_bundle(new).verify()
-        try:
-            replace_dir(new, dest) if overwrite else os.rename(new, dest)
-        except OSError as e:
-            raise MimError(f"could not add {final!r} to the library at {dest} ({e}); if another process added "
-                           "it meanwhile, pass --overwrite or another --name") from None
+        try:  # copied and verified under a hidden temporary name, then renamed into place
+            with atomic_dir(dest, replace=overwrite, what=f"model {final!r} in the library") as new:
+                _copy_bundle(bundle, new, final)
+                load_bundle(new).verify()
+        except OutputError:
+            if dest.exists() and not overwrite:
+                raise MimError(f"could not add {final!r} to the library at {dest}: another process added a model "
+                               "of that name meanwhile; pass --overwrite or another --name") from None
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if downloaded is not None:
@@ -239,13 +242,21 @@ def _copy_bundle(bundle: Bundle, folder: Path, name: str | None = None) -> Path:
     return folder
 
 
+def _is_export(folder: Path, fmt: str) -> bool:
+    """True when ``folder`` is itself an export of format ``fmt`` (a bundle folder, a MONAI bundle)."""
+    if fmt == "dir":
+        return (folder / DESCRIPTION_FILE).is_file()
+    return fmt == "monai" and (folder / "configs" / "inference.json").is_file()
+
+
 def export_model(name: str, dest: str | os.PathLike, fmt: str = "zip", library: str | os.PathLike | None = None,
                  overwrite: bool = False) -> Path:
     """Write a library model (or a bundle path) to ``dest``; returns what was written.
 
     ``fmt``: ``"zip"`` (one .zip file), ``"dir"`` (a bundle folder) or ``"monai"`` (a
     MONAI bundle, :func:`mimcore.bundles.monai_export.export_monai_bundle`). If ``dest``
-    is an existing folder, the export goes inside it (``<name>.zip`` or ``<name>/``).
+    is an existing folder, the export goes inside it (``<name>.zip`` or ``<name>/``), unless
+    it is an earlier export of the same format (then ``dest`` itself is the target).
     The weights are verified first; an existing target is refused unless ``overwrite``.
     """
     if fmt not in EXPORT_FORMATS:
@@ -254,22 +265,21 @@ def export_model(name: str, dest: str | os.PathLike, fmt: str = "zip", library: 
     bundle.verify()
     stem = bundle.path.name if bundle.path.parent == library_dir(library) else slugify(bundle.name)
     dest = Path(dest).expanduser()
-    target = dest / (f"{stem}.zip" if fmt == "zip" else stem) if dest.is_dir() else dest
+    inside = dest.is_dir() and not _is_export(dest, fmt)  # an earlier export of this format is replaced, not nested
+    target = dest / (f"{stem}.zip" if fmt == "zip" else stem) if inside else dest
     if target.exists() and not overwrite:
         raise MimError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another destination")
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "zip":
         if target.is_dir():
             raise MimError(f"{target} is a folder; give a .zip file name")
-        atomic_write(target, lambda tmp: write_zip(bundle.path, tmp))
+        atomic_write(target, lambda tmp: write_zip(bundle.path, tmp), verify_zip, what="zipped model bundle")
     elif fmt == "dir":
         if target.exists() and not target.is_dir():
             raise MimError(f"{target} is a file; give a folder name")
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-        try:
-            replace_dir(_copy_bundle(bundle, staging), target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target, replace=True, what="model bundle") as staging:
+            _copy_bundle(bundle, staging)
+            load_bundle(staging).verify()
     else:
         from mimcore.bundles.monai_export import export_monai_bundle
 

@@ -47,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="Library name (or a bundle path).")
     p.add_argument("dest", metavar="DEST", help="Target file/folder (inside it, if it is an existing folder).")
     p.add_argument("--format", dest="fmt", choices=("zip", "dir", "monai"), default="zip",
-                   help="zip (default): one .zip file; dir: a bundle folder; monai: a MONAI bundle folder.")
+                   help="zip (default): one .zip file; dir: a bundle folder; monai: a MONAI bundle folder "
+                        "(runs with `python -m monai.bundle run`, which needs fire and pytorch-ignite).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing DEST.")
     p.set_defaults(func=_export)
 
@@ -126,6 +127,13 @@ def _export(args: argparse.Namespace) -> int:
 
     path = export_model(args.name, args.dest, fmt=args.fmt, library=args.library, overwrite=args.overwrite)
     print(f"Exported {args.name!r} ({args.fmt}) to {path}")
+    if args.fmt == "monai":
+        from mimcore.bundles.monai_export import RUNNER_PACKAGES
+
+        pins = " ".join(f"{name}=={version}" for name, version in RUNNER_PACKAGES.items())
+        print(f"Run it from any folder (needs: pip install {pins}):\n"
+              f"  python -m monai.bundle run --config_file {path / 'configs' / 'inference.json'} "
+              "--dataset_dir CT_FOLDER --output_dir OUT_FOLDER")
     return 0
 
 

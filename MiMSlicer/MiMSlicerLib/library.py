@@ -35,12 +35,9 @@ import os
 import re
 import shutil
 import subprocess
-import threading
-import time
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 from MiMSlicerLib.errors import MiMSlicerError
@@ -240,10 +237,11 @@ def split_registry_source(source: str, registry: str | None = None) -> tuple[str
 
 def add_model_arguments(source: str, library: str | os.PathLike, name: str | None = None,
                         registry: str | None = None, overwrite: bool = False, json: bool = True) -> list[str]:
-    """The ``mim models add`` command line (without ``mim``); ``json``: the result as a ``done`` event."""
-    argv = ["models", "add", str(source), "--library", str(library), "--quiet"]
-    if json:
-        argv.append("--json")
+    """The ``mim models add`` command line (without ``mim``). ``json``: ``--progress json``, the
+    download's progress, the result (``done``) and a failure (``error``) as JSON events (see
+    :func:`add_model_event`); else ``--quiet``, the result as text."""
+    argv = ["models", "add", str(source), "--library", str(library)]
+    argv += ["--progress", "json"] if json else ["--quiet"]
     if registry:
         argv += ["--registry", str(registry)]
     if name:
@@ -254,7 +252,7 @@ def add_model_arguments(source: str, library: str | os.PathLike, name: str | Non
 
 
 def added_name(job, name: str | None = None) -> str:
-    """The library name a finished ``mim models add --json`` job reported (its ``done`` event)."""
+    """The library name a finished ``mim models add --progress json`` job reported (its ``done`` event)."""
     done = next((e for e in reversed(job.events) if e.get("event") == "done" and e.get("name")), None)
     if done is not None:
         return str(done["name"])
@@ -282,61 +280,28 @@ def remove_staging_dirs(library: str | os.PathLike, keep: set[str] = frozenset()
     return removed
 
 
-def download_path(library: str | os.PathLike, sha256: str) -> Path:
-    """Where ``mim models add`` downloads a registry model (mimcore's cache layout); ``.part`` while in progress."""
-    return _layout().cache_dir(library) / "downloads" / f"{sha256.lower()}.zip"
+def add_model_event(event: dict, source: str) -> dict:
+    """The event a task shows for one event of ``mim models add --progress json``.
 
-
-def download_probe(source: str, registry: str | None, library: str | os.PathLike,
-                   clock: Callable[[], float] = time.monotonic) -> Callable[[], dict | None] | None:
-    """For a registry model: a function that returns a ``progress`` event when the download
-    has grown (bytes read from the file ``mim models add`` writes, see :func:`download_path`),
-    else None. None for a local ``source`` or without a registry. The registry is read in a
-    background thread (a slow server must not block the GUI); until it is read, or if it
-    cannot be, or gives no ``sha256``, the probe reports nothing (the child reports problems).
-
-    Events: ``{"event": "progress", "stage": "downloading NAME (x.y of z.w MB)", "step": KiB,
-    "total": KiB (0 when the registry gives no size), "eta_s": seconds or None, "metrics": {}}``.
+    The ``start`` event's stage ``add`` becomes ``adding NAME to the library``. A download's
+    ``progress`` event (stage ``download``, ``step``/``total`` in bytes, ``total`` null when
+    unknown) becomes ``{"event": "progress", "stage": "downloading NAME (x.y of z.w MB)",
+    "step": KiB, "total": KiB (0 when unknown), "eta_s": as sent, "metrics": {},
+    "bytes": done, "total_bytes": total or None}``: KiB keep a Qt progress bar's int range for
+    files over 2 GiB, and the bytes stay for whoever wants them. Any other event is returned
+    as it is.
     """
-    if Path(str(source)).expanduser().exists() or not registry:
-        return None
-    state: dict = {"files": None, "size": None, "last": -1, "start": None}
-
-    def resolve() -> None:
-        try:
-            entry = next((e for e in registry_entries(registry) if str(e.get("name")) == str(source)), None)
-        except MiMSlicerError:
-            return
-        sha = str((entry or {}).get("sha256") or "")
-        if re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-            size = entry.get("size")
-            state["size"] = size if isinstance(size, int) and size > 0 else None
-            final = download_path(library, sha)
-            state["files"] = (final.with_name(final.name + ".part"), final)
-
-    threading.Thread(target=resolve, daemon=True, name="mimslicer-registry").start()
-
-    def probe() -> dict | None:
-        if state["files"] is None:
-            return None
-        part, final = state["files"]
-        size = state["size"]
-        try:
-            done = part.stat().st_size if part.exists() else (final.stat().st_size if final.exists() else 0)
-        except OSError:
-            return None
-        if done == state["last"]:
-            return None
-        now = clock()
-        if state["start"] is None:
-            state["start"] = (now, done)
-        state["last"] = done
-        t0, b0 = state["start"]
-        eta = None
-        if size and done > b0 and now > t0:
-            eta = (size - done) / ((done - b0) / (now - t0))
-        of = f" of {size / 1e6:.1f}" if size else ""
-        return {"event": "progress", "stage": f"downloading {source} ({done / 1e6:.1f}{of} MB)",
-                "step": done // 1024, "total": (size + 1023) // 1024 if size else 0, "eta_s": eta, "metrics": {}}
-
-    return probe
+    if event.get("event") == "start" and event.get("stage") == "add":
+        return {**event, "stage": f"adding {source} to the library"}
+    if event.get("event") != "progress" or event.get("stage") != "download":
+        return event
+    try:
+        done = int(event.get("step") or 0)
+        size = int(event["total"]) if event.get("total") else None
+    except (TypeError, ValueError):
+        return event
+    total_kib = (size + 1023) // 1024 if size else 0
+    of = f" of {size / 1e6:.1f}" if size else ""
+    return {"event": "progress", "stage": f"downloading {source} ({done / 1e6:.1f}{of} MB)",
+            "step": total_kib if size and done >= size else done // 1024, "total": total_kib,
+            "eta_s": event.get("eta_s"), "metrics": {}, "bytes": done, "total_bytes": size}

@@ -35,6 +35,19 @@ from MiMSlicerLib.volumes import check_scalar_volume, parent_to_world, write_vol
 DEFAULT_SCRATCH_PRESET = "tiny"  # fine-tuning from scratch (no init): a few local cases cannot train more
 
 
+class AddModelTask(Task):
+    """The task of :meth:`MiMLogicCore.start_add_model`: shows the events of ``mim models add
+    --progress json`` (the download's progress in bytes) as
+    :func:`MiMSlicerLib.library.add_model_event` makes them (KiB, a readable stage)."""
+
+    def __init__(self, source: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+    def _on_event(self, event: dict) -> None:
+        super()._on_event(library.add_model_event(event, self.source))
+
+
 class MiMLogicCore:
     """The module's logic, usable without the GUI.
 
@@ -98,18 +111,19 @@ class MiMLogicCore:
         """:meth:`add_model` as a :class:`Task` that never blocks: ``mim models add`` in a child
         process, polled like the other tasks; ``task.result`` is the library name.
 
-        A registry model's download reports progress (``progress`` events, stage
-        ``downloading <name>``, step/total in KiB, ETA) measured on the file being
-        downloaded (see :func:`MiMSlicerLib.library.download_probe`). Cancel kills the
-        child and removes the staging folder it had made in the library: no partial
-        entry is left (a partly downloaded file stays in the library's cache, and the
-        next add of the same model resumes it).
+        A registry model's download reports progress: the child's own ``progress`` events
+        (``mim models add --progress json``: bytes done/total, ETA), shown with stage
+        ``downloading <name> (x.y of z.w MB)`` and step/total in KiB (see
+        :func:`MiMSlicerLib.library.add_model_event`; the bytes stay in the event). Cancel
+        kills the child and removes the staging folder it had made in the library: no
+        partial entry is left (a partly downloaded file stays in the library's cache, and
+        the next add of the same model resumes it).
         """
         source, registry = library.split_registry_source(str(source), registry or self.registry)
         argv = library.add_model_arguments(source, self.models_dir, name=name, registry=registry,
                                            overwrite=overwrite)
-        task = self._task("add-model", on_event)
-        task.progress_probe = library.download_probe(source, registry, self.models_dir)
+        task = AddModelTask(source, "add-model", self.scene, on_event=on_event, python=self.python,
+                            env=self.child_env())
         staging_before = library.staging_dirs(self.models_dir)
         task.on_cancelled.append(lambda: library.remove_staging_dirs(self.models_dir, keep=staging_before))
 

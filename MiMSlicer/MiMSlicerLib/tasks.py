@@ -80,9 +80,6 @@ class Task:
         self.job: Job | None = None
         self._step: Step | None = None
         self.on_cancelled: list[Callable[[], None]] = []  # run after the child is dead, on cancel only
-        # Called by poll() while a job runs; a returned event (e.g. a download's progress, measured
-        # on its file) is reported like the child's own. None: nothing new.
-        self.progress_probe: Callable[[], dict | None] | None = None
         self._deferred_cleanup = False
         self._cleaner: threading.Thread | None = None
 
@@ -112,10 +109,6 @@ class Task:
             return False
         try:
             if self.job.poll():
-                if self.progress_probe is not None:
-                    event = self.progress_probe()
-                    if event is not None:
-                        self._on_event(event)
                 return True
             if self.job.error or self.job.returncode != 0:
                 self._fail(self.job.error or f"The {self.kind} job failed (exit code {self.job.returncode}).")

@@ -287,3 +287,93 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, library):
 
     r = mim("list", "--json", library=library)
     assert r.returncode == 0 and [m["name"] for m in json.loads(r.stdout)] == ["liver-model"]
+
+
+# --------------------------------------------------------------------------- mim models add --progress json
+
+def _events(stdout: str) -> list[dict]:
+    """The events of a ``--progress json`` run; every stdout line must be one."""
+    from mimcore.events import parse_event
+
+    lines = stdout.splitlines()
+    parsed = [parse_event(line) for line in lines]
+    assert lines and None not in parsed, stdout  # nothing but events on stdout
+    return parsed
+
+
+def test_cli_add_progress_json_reports_the_download(tmp_path, served, library):
+    www, base = served
+    big = {"w": torch.randn(300_000, generator=torch.Generator().manual_seed(5))}  # 1.2 MB: ~19 chunks of 64 KiB
+    zip_path = save_bundle(www / "big.zip", big, description("Big"), as_zip=True)
+    size = zip_path.stat().st_size
+    entry = {"name": "big", "url": "big.zip", "sha256": sha256_file(zip_path), "size": size}
+    _registry(www, [entry, dict(entry, name="unsized", size=None), dict(entry, name="corrupt", sha256="0" * 64)])
+    registry = f"{base}/registry.json"  # over HTTP: the zip comes in 64 KiB chunks
+
+    r = mim("add", "big", "--registry", registry, "--progress", "json", library=library)
+    assert r.returncode == 0, r.stderr
+    assert "B/s" not in r.stderr  # no tqdm bar next to the events
+    events = _events(r.stdout)
+    assert events[0] == {"event": "start", "v": 1, "stage": "add", "source": "big", "library": str(library),
+                         "message": "adding big to the model library"}
+    assert events[-1] == {"event": "done", "name": "big", "path": str(library / "big")}
+    progress = events[1:-1]
+    assert len(progress) >= 5 and all(e["event"] == "progress" and e["stage"] == "download" for e in progress)
+    assert all(e["total"] == size and e["metrics"] == {} for e in progress)  # bytes of the served file
+    steps = [e["step"] for e in progress]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == size  # from nothing to all of it
+    assert progress[0]["eta_s"] is None and all(e["eta_s"] is None or e["eta_s"] >= 0 for e in progress)
+    assert same(get_model("big").state_dict(), big)
+
+    # no size in the registry: the total is what the server announced (Content-Length)
+    r = mim("add", "unsized", "--registry", registry, "--progress", "json", library=library)
+    assert r.returncode == 0, r.stderr
+    assert {e["total"] for e in _events(r.stdout) if e["event"] == "progress"} == {size}
+
+    # a failure: the download's progress, then one error event (exit 2), nothing added
+    r = mim("add", "corrupt", "--registry", registry, "--progress", "json", library=library)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    events = _events(r.stdout)
+    assert events[0]["event"] == "start" and events[-2]["event"] == "progress" and events[-2]["step"] == size
+    assert events[-1]["event"] == "error" and "sha256" in events[-1]["message"]
+    assert r.stderr.startswith("mim: error:") and visible(library) == ["big", "unsized"]
+
+    # --json alone keeps its meaning: only the outcome as an event (here the error; success: one done
+    # line, test_cli_models_round_trip), no start or progress events
+    r = mim("add", "corrupt", "--registry", registry, "--json", library=library)
+    assert r.returncode == 2 and [e["event"] for e in _events(r.stdout)] == ["error"]
+
+
+def test_cli_add_quiet_is_progress_none(capsys):
+    from mimcore.cli.main import build_parser
+
+    args = build_parser().parse_args(["models", "add", "x", "--quiet"])
+    assert (args.quiet, args.progress) == (True, "bar")  # _add reads --quiet as --progress none
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["models", "add", "x", "--quiet", "--progress", "json"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_download_events_are_throttled_but_keep_the_last_byte(capsys):
+    from mimcore.cli.models_cmd import DownloadEvents
+    from mimcore.events import parse_event
+
+    now = [0.0]
+    report = DownloadEvents(clock=lambda: now[0])
+    for done in range(0, 1_000_001, 1000):  # 1000 chunks of 1 kB, all at once
+        report(done, 1_000_000)
+    sent = [parse_event(line) for line in capsys.readouterr().out.splitlines()]
+    steps = [e["step"] for e in sent]
+    assert steps[0] == 0 and steps[-1] == 1_000_000 and len(steps) == 101  # every 1 % of the size, and the end
+    report = DownloadEvents(clock=lambda: now[0])
+    for done in (0, 500, 1000):  # size unknown: every 0.25 s
+        now[0] += 0.3
+        report(done, None)
+    sent = [parse_event(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["step"], e["total"], e["eta_s"]) for e in sent] == [(0, None, None), (500, None, None),
+                                                                     (1000, None, None)]
+    report = DownloadEvents(clock=lambda: now[0])
+    report(4000, 10_000)  # a resumed download: the rate counts this run's bytes only
+    now[0] += 1.0
+    report(6000, 10_000)
+    assert parse_event(capsys.readouterr().out.splitlines()[-1])["eta_s"] == 2.0

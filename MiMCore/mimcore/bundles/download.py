@@ -3,13 +3,18 @@
 ``download(url, dest, sha256)`` fetches ``url`` into ``dest``:
 
 - ``file://`` URLs and plain local paths are copied (offline use);
-- HTTP(S) shows a tqdm progress bar on stderr and writes to ``dest.part``; a later call
+- HTTP(S) shows a tqdm progress bar on stderr (``progress``) and writes to ``dest.part``; a later call
   resumes a ``.part`` left by an interrupted download with an HTTP ``Range`` request,
   and starts over when the server ignores it (replies 200 instead of 206);
 - one process at a time downloads a given ``dest`` (a lock file ``dest.lock``); a second
   one waits, then finds the verified file and returns it;
 - the result must have the expected size and sha256, else it is deleted and a
-  :class:`MimError` says expected vs actual; only a verified file is renamed to ``dest``.
+  :class:`MimError` says expected vs actual; only a verified file is renamed to ``dest``;
+- ``on_progress(done, total)`` (optional) is called as bytes arrive: ``done`` bytes are in
+  the file (a resumed download starts at the bytes it already had), of ``total`` (the
+  expected size, else what the server announced, else None); first when the transfer
+  begins, then after every chunk (``mim models add --progress json`` turns these calls
+  into ``progress`` events).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from mimcore import __version__
@@ -29,6 +35,9 @@ from mimcore.files import sha256_file
 
 _CHUNK = 1 << 16
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+#: ``on_progress(done_bytes, total_bytes_or_None)``
+ProgressCallback = Callable[[int, "int | None"], None]
 
 
 def is_url(text: str) -> bool:
@@ -55,13 +64,14 @@ def local_path(url: str | os.PathLike) -> Path | None:
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str, size: int | None = None,
-             progress: bool = True, timeout: float = 60.0) -> Path:
+             progress: bool = True, timeout: float = 60.0, on_progress: ProgressCallback | None = None) -> Path:
     """Fetch ``url`` (http(s), file:// or a local path) into ``dest``; returns ``dest``.
 
     ``sha256`` (hex) and ``size`` (bytes, optional) are the expected content; a ``dest``
-    that already matches is not fetched again. Raises :class:`MimError` on network errors
-    (an interrupted HTTP download keeps ``dest.part`` and resumes on the next call) and on
-    a size or sha256 mismatch (the bad file is deleted).
+    that already matches is not fetched again (and ``on_progress`` is not called).
+    ``progress``: the tqdm bar on stderr; ``on_progress``: see the module doc. Raises
+    :class:`MimError` on network errors (an interrupted HTTP download keeps ``dest.part``
+    and resumes on the next call) and on a size or sha256 mismatch (the bad file is deleted).
     """
     if not isinstance(sha256, str) or not _SHA_RE.match(sha256):
         raise MimError(f"expected sha256 of {url} must be 64 hex digits, got {sha256!r}")
@@ -81,7 +91,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str, size: int | None = 
     try:
         if _matches(dest, sha256, size):  # the other download finished it
             return dest
-        return _download_locked(url, dest, sha256, size, progress, timeout)
+        return _download_locked(url, dest, sha256, size, progress, timeout, on_progress)
     finally:
         lock.release()
 
@@ -90,13 +100,15 @@ def _matches(dest: Path, sha256: str, size: int | None) -> bool:
     return dest.is_file() and (size is None or dest.stat().st_size == size) and sha256_file(dest) == sha256
 
 
-def _download_locked(url: str, dest: Path, sha256: str, size: int | None, progress: bool, timeout: float) -> Path:
+def _download_locked(url: str, dest: Path, sha256: str, size: int | None, progress: bool, timeout: float,
+                     on_progress: ProgressCallback | None) -> Path:
     part = dest.with_name(dest.name + ".part")
     source = local_path(url)
+    report = on_progress or (lambda done, total: None)
     if source is not None:
-        _copy_local(source, part, progress)
+        _copy_local(source, part, progress, report)
     else:
-        _fetch_http(url, part, size, progress, timeout)
+        _fetch_http(url, part, size, progress, timeout, report)
     _verify(part, url, sha256, size)
     os.replace(part, dest)
     return dest
@@ -109,19 +121,24 @@ def _bar(total: int | None, initial: int, desc: str, enabled: bool):
                 file=sys.stderr, dynamic_ncols=True, disable=not enabled, leave=False)
 
 
-def _copy_local(source: Path, part: Path, progress: bool) -> None:
+def _copy_local(source: Path, part: Path, progress: bool, report: ProgressCallback) -> None:
     if not source.is_file():
         raise MimError(f"{source} does not exist or is not a file; check the path (or the registry entry)")
     total = source.stat().st_size
+    written = 0
+    report(written, total)
     with open(source, "rb") as src, open(part, "wb") as out, _bar(total, 0, source.name, progress) as bar:
         while chunk := src.read(1 << 20):
             out.write(chunk)
+            written += len(chunk)
             bar.update(len(chunk))
+            report(written, total)
         out.flush()
         os.fsync(out.fileno())
 
 
-def _fetch_http(url: str, part: Path, size: int | None, progress: bool, timeout: float) -> None:
+def _fetch_http(url: str, part: Path, size: int | None, progress: bool, timeout: float,
+                report: ProgressCallback) -> None:
     """Download into ``part``, resuming it with a Range request when it already holds bytes."""
     for _attempt in range(2):
         offset = part.stat().st_size if part.is_file() else 0
@@ -129,6 +146,7 @@ def _fetch_http(url: str, part: Path, size: int | None, progress: bool, timeout:
             part.unlink()
             offset = 0
         if size is not None and offset == size and offset > 0:
+            report(offset, size)
             return  # complete already; the checksum decides
         headers = {"User-Agent": f"mimcore/{__version__}"}
         if offset:
@@ -158,28 +176,35 @@ def _fetch_http(url: str, part: Path, size: int | None, progress: bool, timeout:
                 offset, mode = 0, "wb"
             length = response.headers.get("Content-Length", "")
             end = offset + int(length) if length.isdigit() else None
-            _stream(response, part, mode, offset, end, size, url, progress)
+            _stream(response, part, mode, offset, end, size, url, progress, report)
         return
     raise MimError(f"could not download {url}: the server kept answering the resume request wrongly; "
                    f"delete {part} and try again")
 
 
 def _stream(response, part: Path, mode: str, offset: int, end: int | None, size: int | None,
-            url: str, progress: bool) -> None:
+            url: str, progress: bool, report: ProgressCallback) -> None:
     """Append the response body to ``part`` from byte ``offset``; ``end``: where the server said it ends."""
     written = offset
     total = size if size is not None else end
+    report(written, total)
+    reporting = False  # an error of report (e.g. BrokenPipeError on a closed stdout) is not the network's
     try:
         with open(part, mode) as out, _bar(total, offset, Path(urllib.parse.urlsplit(url).path).name, progress) as bar:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
+                reporting = True
+                report(written, total)
+                reporting = False
                 if size is not None and written > size:
                     break  # longer than expected: the size check below refuses it
             out.flush()
             os.fsync(out.fileno())
     except (OSError, http.client.HTTPException) as e:
+        if reporting:
+            raise
         _interrupted(url, part, written, total, repr(e))
     if end is not None and written < end:  # http.client returns b"" when the connection drops early
         _interrupted(url, part, written, total, "the connection closed early")

@@ -167,14 +167,17 @@ def _registry_entry(name: str, registry: str | os.PathLike | None) -> dict:
 # --------------------------------------------------------------------------- adding and exporting
 
 def add_model(source: str | os.PathLike, name: str | None = None, registry: str | os.PathLike | None = None,
-              progress: bool = True, overwrite: bool = False, library: str | os.PathLike | None = None) -> Path:
+              progress: bool = True, overwrite: bool = False, library: str | os.PathLike | None = None,
+              on_progress=None) -> Path:
     """Copy a bundle into the library; returns its library folder.
 
     ``source``: a bundle folder, its model.json, a .zip of it, or the name of a model in
     ``registry`` (downloaded with a progress bar, resumable, sha256-checked). ``name``:
     the library name (default: the registry name, or the model's name made path-safe);
     an existing name is refused unless ``overwrite``. The copy is verified before it
-    becomes visible; model.json's ``name`` is set to the library name.
+    becomes visible; model.json's ``name`` is set to the library name. ``progress``: the
+    download's progress bar; ``on_progress(done_bytes, total_bytes_or_None)``: called as the
+    download proceeds (see :mod:`mimcore.bundles.download`).
     """
     lib = library_dir(library)
     if name is not None:
@@ -191,7 +194,7 @@ def add_model(source: str | os.PathLike, name: str | None = None, registry: str 
         else:
             entry = _registry_entry(str(source), registry)
             downloaded = download(entry["url"], cache_dir(library) / "downloads" / f"{entry['sha256'].lower()}.zip",
-                                  entry["sha256"], entry.get("size"), progress=progress)
+                                  entry["sha256"], entry.get("size"), progress=progress, on_progress=on_progress)
             src = extract_zip_bundle(downloaded, _mkdir(staging / "unzipped"))
             default_name = slugify(entry["name"])
         bundle = load_bundle(src)

@@ -2,13 +2,18 @@
 
 Every sub-command takes ``--library DIR`` (default ``$MIM_MODELS_DIR``, else the user data
 folder); ``list`` and ``show`` take ``--json`` for machine-readable output (the Slicer
-module reads it).
+module reads it). ``add`` takes ``--progress bar|json|none`` like the other commands:
+``json`` prints ``start``, download ``progress`` (stage ``download``, step/total in
+bytes), ``done`` and ``error`` events (:mod:`mimcore.events`); ``--quiet`` is
+``--progress none``; ``--json`` alone prints only the result (``done``) and a failure
+(``error``) as events, as it always did.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,9 +39,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="FILE_OR_URL",
                    help="Registry JSON to look SOURCE up in (default: $MIM_MODEL_REGISTRY).")
     p.add_argument("--overwrite", action="store_true", help="Replace a model of the same name.")
-    p.add_argument("--quiet", action="store_true", help="No download progress bar.")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="Download progress: bar (default, on stderr), json (one event per line on stdout: "
+                            "start, progress in bytes, done, error) or none.")
+    shown.add_argument("--quiet", action="store_true", help="No download progress bar (--progress none).")
     p.add_argument("--json", action="store_true",
-                   help="Print the result as one JSON line {\"event\": \"done\", \"name\", \"path\"} (for programs).")
+                   help="Print the result as one JSON line {\"event\": \"done\", \"name\", \"path\"} (for programs); "
+                        "with --progress json the download's events come too.")
     p.set_defaults(func=_add)
 
     p = sub.add_parser("remove", parents=[common], help="Delete a model from the library.")
@@ -100,14 +110,54 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add(args: argparse.Namespace) -> int:
-    from mimcore.bundles.library import add_model
+class DownloadEvents:
+    """``on_progress`` of a download that emits ``progress`` events (stage ``download``,
+    ``step``/``total`` in bytes, ``total`` null when unknown, ``eta_s`` null until known).
 
-    path = add_model(args.source, name=args.name, registry=args.registry, progress=not args.quiet,
-                     overwrite=args.overwrite, library=args.library)
-    if args.json:
+    The first call and the last byte are always reported; in between, an event goes out
+    when ``interval`` seconds have passed or the download grew by ``min_fraction`` of its
+    size (``min_bytes`` when the size is unknown) since the last one: a fast download
+    sends a few hundred lines at most, a slow or stalling one still shows each chunk.
+    The rate (for the ETA) counts only the bytes of this run, not those of a resumed part.
+    """
+
+    def __init__(self, interval: float = 0.25, min_fraction: float = 0.01, min_bytes: int = 1 << 20,
+                 clock=time.monotonic):
+        self.interval, self.min_fraction, self.min_bytes, self.clock = interval, min_fraction, min_bytes, clock
+        self.first: tuple[float, int] | None = None  # (time, bytes) of the first call
+        self.last: tuple[float, int] | None = None  # (time, bytes) of the last event sent
+
+    def __call__(self, done: int, total: int | None) -> None:
         from mimcore import events
 
+        now = self.clock()
+        if self.first is None or done < self.first[1]:  # a new transfer (a restarted download starts at 0)
+            self.first, self.last = (now, done), None
+        if self.last is not None and done != total:
+            since, grown = now - self.last[0], done - self.last[1]
+            step = max(1, int(total * self.min_fraction)) if total else self.min_bytes
+            if grown <= 0 or (since < self.interval and grown < step):
+                return
+        self.last = (now, done)
+        t0, b0 = self.first
+        eta = None
+        if total and done > b0 and now > t0:
+            eta = round(max(0, total - done) / ((done - b0) / (now - t0)), 1)
+        events.emit("progress", stage="download", step=done, total=total, eta_s=eta, metrics={})
+
+
+def _add(args: argparse.Namespace) -> int:
+    from mimcore import events
+    from mimcore.bundles.library import add_model, library_dir
+
+    mode = "none" if args.quiet else args.progress
+    if mode == "json":
+        events.emit("start", stage="add", source=str(args.source), library=str(library_dir(args.library)),
+                    message=f"adding {args.source} to the model library")
+    path = add_model(args.source, name=args.name, registry=args.registry, progress=mode == "bar",
+                     overwrite=args.overwrite, library=args.library,
+                     on_progress=DownloadEvents() if mode == "json" else None)
+    if args.json or mode == "json":
         events.emit("done", name=path.name, path=str(path))
     else:
         print(f"Added {path.name!r} to the model library: {path}")

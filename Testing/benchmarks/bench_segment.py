@@ -1,17 +1,28 @@
 #!/usr/bin/env python
-"""Whole-volume segmentation speed and peak memory of MiM, with MONAI's SwinUNETR as a yardstick.
+"""Whole-volume segmentation speed and peak memory of MiM, with nnU-Net and SwinUNETR as yardsticks.
 
 Cases (``--cases``):
 
 - ``sample``  the sample CT of the sample datalist's ``held_out`` entry (233 x 167 x 191 chest CT,
-  1.5 mm, as read from disk), preprocessed to RAS and 1.5 mm isotropic -- the bundle's
-  preprocessing spacing -- and the HU window [-175, 250] -> [0, 1].
-- ``big``     a synthetic CT-like volume of 512 x 512 x 400 voxels at 0.8 x 0.8 x 1.5 mm (LPS-stored
-  like a DICOM-derived CT: air, body, lungs, spine, liver, noise; float32 HU), built slice by slice
-  with numpy so that no large temporary inflates the peak; resampled to 1.5 mm it is
-  ~273 x 273 x 400.
+  1.5 mm, as read from disk), preprocessed to RAS and ``--spacing`` (default 1.5 x 1.5 x 2 mm, the
+  fine-tuning default and the bundles' preprocessing spacing) and the HU window [-175, 250] -> [0, 1].
+- ``big``     a synthetic CT-like volume of 512 x 512 x 400 voxels at 0.8 x 0.8 x 1 mm (LPS-stored
+  like a DICOM-derived CT: air, body, lungs, spine, liver, noise), written by the parent as an
+  int16 ``.nrrd``; our runs and nnU-Net's are timed end to end from reading that file to writing
+  the label map (ours: the ``.seg.nrrd``); at 1.5 x 1.5 x 2 mm it is ~273 x 273 x 200.
+  ``--quick``: 160 x 160 x 128 voxels of the same size (validates everything in minutes).
 
 Models (``--models``; random weights, 14 output channels, seeded):
+
+- ``*-fast``  the same model through the fast profile (``mim segment --fast``,
+  :mod:`mimcore.inference.profiles`: bf16 autocast on CPUs with native bf16, channels-last, air
+  windows skipped). The parent prints the per-class Dice of its labels against the reference
+  run's (same model, same volume) -- with random weights many voxels sit near a tie between
+  classes, so that Dice understates what trained models give: ``bundle`` / ``bundle-fast`` run a
+  trained ``--bundle`` (e.g. the demo's) for the real comparison.
+- ``nnunet``  nnU-Net's 3d_fullres network, its own plans and ``nnUNetPredictor``
+  (``segment_nnunet``; optional: ``pip install -e "MiMCore[bench]"``, else reported as skipped);
+  ours / nnU-Net end to end is printed at equal spacing.
 
 - ``base`` / ``small``  ``MiMSegNet(convvit.preset(name), 14)`` saved as a real model bundle
   (``save_bundle`` in a temporary folder), loaded back with ``load_bundle`` and run through our
@@ -76,12 +87,20 @@ Targets (PASS/FAIL lines, not assertions): ``base`` faster than SwinUNETR on the
 (``sw s``); peak RSS for the 512 x 512 x 400 volume under 6 GB (6e9 bytes) on the CPU (our models);
 on a GPU, ``base`` under 4 GB (4e9 bytes) of ``max_memory_allocated`` with mixed precision.
 
+Achieved FLOP/s: FLOPs of one window (``torch.utils.flop_counter``) x windows run / network
+seconds, against this machine's 2048^3 matmul rate measured in the same child (bf16 for bf16 runs).
+
 Modules (next to this script, which is the command line): ``segment_cases`` (the volumes),
 ``segment_measure`` (memory, the network probe, progress, the time guard), ``segment_runs`` (one
-measurement in a child process), ``segment_report`` (plan, tables, ratios, targets).
+measurement in a child process), ``segment_nnunet`` (nnU-Net), ``segment_flops`` (FLOPs, matmul
+rate), ``segment_report`` and ``segment_fast_report`` (plan, tables, ratios, Dice, targets).
 
 Examples::
 
+    python Testing/benchmarks/bench_segment.py --quick --cases big          # validate, a few minutes
+    python Testing/benchmarks/bench_segment.py --cases big --max-minutes 0  # the issue's 512x512x400 run
+    python Testing/benchmarks/bench_segment.py --cases sample --models bundle bundle-fast \
+        --bundle demo_output/finetune/model --overlap 0.5                   # Dice of fast with trained weights
     python Testing/benchmarks/bench_segment.py                              # everything, CPU, guarded
     python Testing/benchmarks/bench_segment.py --cases sample --models base swin
     python Testing/benchmarks/bench_segment.py --cases big --models small --max-minutes 0   # full run
@@ -98,16 +117,27 @@ import sys
 import time
 
 from bench_common import RESULT_TAG, machine_info, spawn_child
-from segment_cases import BIG_SHAPE, BIG_SPACING, N_CLASSES, PREP, ras_shape
+from segment_cases import BIG_SPACING, N_CLASSES, PREP, big_shape, ras_shape, write_big
+from segment_fast_report import fast_report, fast_targets, flops_report, nnunet_report
 from segment_report import CPU_PRIOR_S_PER_WINDOW, plan, ratios, results_table, table, targets
 from segment_runs import run_child
+
+
+MODELS = ("small", "small-fast", "base", "base-fast", "bundle", "bundle-fast", "swin", "nnunet")
+DEFAULT_MODELS = ["small", "small-fast", "base-fast", "swin", "nnunet"]
 
 
 def spawn(spec: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", spec, "--device", args.device,
            "--overlap", repr(args.overlap), "--sw-batch", str(args.sw_batch), "--precision", args.precision,
            "--max-minutes", repr(args.max_minutes), "--memory-only-batches", str(args.memory_only_batches),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--spacing", *map(repr, args.spacing), "--_labels-dir", args.labels_dir]
+    if args.quick:
+        cmd.append("--quick")
+    if args.bundle:
+        cmd += ["--bundle", args.bundle]
+    if args.big_path:
+        cmd += ["--_big-path", args.big_path]
     if args.sample_path:
         cmd += ["--_sample-path", args.sample_path]
     if args.memory_only:
@@ -122,15 +152,25 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["sample", "big"], choices=("sample", "big"),
                     help="sample: the held-out sample CT at 1.5 mm; big: synthetic 512x512x400 CT (default: both).")
-    ap.add_argument("--models", nargs="+", default=["base", "small", "swin"], choices=("base", "small", "swin"),
-                    help="Our presets through Segmenter and/or MONAI SwinUNETR (default: all three).")
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=MODELS,
+                    help="Our presets through Segmenter (-fast: the fast profile, `mim segment --fast`; bundle: "
+                         "--bundle), MONAI SwinUNETR, nnU-Net 3d_fullres (default: %(default)s).")
+    ap.add_argument("--bundle", help="A trained model bundle (e.g. the demo's demo_output/finetune/model) for the "
+                                     "models bundle / bundle-fast: Dice of fast against reference with real weights.")
+    ap.add_argument("--spacing", nargs=3, type=float, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
+                    help="Model spacing of the random-weight models, SwinUNETR and nnU-Net's generated dataset "
+                         "(default 1.5 1.5 2, the fine-tuning default).")
+    ap.add_argument("--quick", action="store_true",
+                    help="big = a 160x160x128 CT of the same voxel size (validates the whole "
+                         "benchmark in minutes; targets for the 512x512x400 CT are then not judged).")
     ap.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu).")
     ap.add_argument("--overlap", type=float, default=0.25,
                     help="Sliding-window overlap for every model (default 0.25, not the bundle default 0.5, "
                          "to keep CPU runs finite).")
     ap.add_argument("--sw-batch", type=int, default=2, help="Windows per network call (default 2, the bundle default).")
-    ap.add_argument("--precision", choices=("auto", "fp32"), default="auto",
-                    help="auto: bf16 autocast on CUDA (as Segmenter does), fp32 on the CPU; fp32: no autocast.")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: what `mim segment` does -- bf16 autocast on CUDA, fp32 on the CPU, bf16 on the CPU "
+                         "for -fast models where the CPU has native bf16; fp32: no autocast; bf16: everywhere.")
     ap.add_argument("--max-minutes", type=float, default=15.0,
                     help="Per measurement: if the warm-up-based estimate is longer, do a memory-only run "
                          "(default 15; 0 = always the full run).")
@@ -144,13 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="Also write all results to FILE as JSON.")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_sample-path", dest="sample_path", help=argparse.SUPPRESS)
+    ap.add_argument("--_big-path", dest="big_path", help=argparse.SUPPRESS)
+    ap.add_argument("--_labels-dir", dest="labels_dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    PREP["spacing"] = list(args.spacing)
+    if any(m.startswith("bundle") for m in args.models) and not args.bundle:
+        ap.error("the models bundle / bundle-fast need --bundle PATH")
     if not 0 <= args.overlap < 1:
         ap.error("--overlap must be in [0, 1)")
     if args.sw_batch < 1 or args.memory_only_batches < 1:
         ap.error("--sw-batch and --memory-only-batches must be at least 1")
 
     if args._child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         try:
             res = run_child(args._child, args)
         except Exception as e:  # noqa: BLE001 -- reported in the parent's table
@@ -203,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     if sample_shape:
         print(f"  sample: {args.sample_path} ({sample_desc})")
     if "big" in args.cases:
-        print(f"  big: synthetic {'x'.join(map(str, BIG_SHAPE))} CT at {'x'.join(map(str, BIG_SPACING))} mm")
+        shape = big_shape(args.quick)
+        print(f"  big: synthetic {'x'.join(map(str, shape))} CT at {'x'.join(map(str, BIG_SPACING))} mm"
+              + (" (--quick; the target volume is 512x512x400)" if args.quick else "")
+              + ", read from an int16 .nrrd and written as .seg.nrrd (end to end)")
+    if args.bundle:
+        print(f"  bundle: {args.bundle}")
     guard = "off" if args.max_minutes <= 0 else f"{args.max_minutes:g} min per measurement"
     print(f"  time guard: {'memory-only for all' if args.memory_only else guard}")
 
@@ -214,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
           + " s/window; each child re-estimates after its warm-up)" if args.device == "cpu" else "== plan")
     print(table(["measurement", "model-space shape", "roi", "windows", "ours: slabs", "est. min", "run"], plan_rows))
     if args.device == "cpu":
-        total = sum(float(row[5].lstrip("~")) for row in plan_rows)
+        total = sum(float(row[5].lstrip("~")) for row in plan_rows if row[5] != "?")
         print(f"  rough total: ~{total:.0f} min (plus model building and volume loading)", flush=True)
 
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_segment_")
+    args.labels_dir = tmp.name
+    if "big" in args.cases:
+        args.big_path = write_big(os.path.join(tmp.name, "big_ct.nrrd"), args.quick)
     results = []
     t_all = time.perf_counter()
     for case in args.cases:
@@ -238,10 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         for w in r.get("warnings", []):
             print(f"  {r['label']}: {w}")
 
-    by = {r["label"]: r for r in results if "error" not in r}
+    by = {r["label"]: r for r in results if "error" not in r and "skipped" not in r}
+    for r in results:
+        if "skipped" in r:
+            print(f"  {r['label']}: skipped -- {r['skipped']}")
     ratio_values = ratios(by, args.cases)
+    ratio_values.update(fast_report(by, args.cases, args.labels_dir))
+    ratio_values.update(nnunet_report(by, args.cases))
+    flops_report(by)
 
-    verdicts = targets(by, args, cuda)
+    verdicts = targets(by, args, cuda) + fast_targets(by, args)
     print()
     print("== targets")
     for verdict, name, detail in verdicts:
@@ -256,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                        "targets": [{"verdict": v, "target": n, "detail": d} for v, n, d in verdicts],
                        "total_wall_s": total_wall}, f, indent=2)
         print(f"wrote {args.json}")
+    tmp.cleanup()
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -3,12 +3,13 @@ table, the base/SwinUNETR ratios and the PASS/FAIL targets."""
 
 from __future__ import annotations
 
-from segment_cases import BIG_SHAPE, BIG_SPACING, N_CLASSES, PREP, ROI
+from segment_cases import BIG_SPACING, N_CLASSES, PREP, ROI
 from segment_measure import MIB
 
 # rough seconds per window on this project's 2-core CPU (fp32, sw-batch 2, shared machine): for the
 # estimate printed before starting only; the children measure their own
-CPU_PRIOR_S_PER_WINDOW = {"base": 12.0, "small": 2.7, "swin": 18.0}
+CPU_PRIOR_S_PER_WINDOW = {"base": 12.0, "small": 2.7, "swin": 18.0, "base-fast": 6.0, "small-fast": 1.4,
+                          "bundle": 2.7, "bundle-fast": 1.4, "nnunet": 15.0}
 CPU_LIMIT_BYTES = 6e9
 GPU_LIMIT_BYTES = 4e9
 
@@ -26,14 +27,18 @@ def results_table(results: list[dict], cuda: bool) -> str:
         head += ["CUDA alloc MiB", "CUDA resv MiB"]
     head.append("wall s")
     rows = []
+    num = lambda x: "" if x is None else f"{x:.1f}"  # noqa: E731 -- nnU-Net has no prep/sw/post split
     for r in results:
+        if "skipped" in r:
+            rows.append([r["label"], "SKIPPED"] + [""] * (len(head) - 3) + [f"{r['process_wall_s']:.0f}"])
+            continue
         if "error" in r:
             rows.append([r["label"], "ERROR: " + r["error"]] + [""] * (len(head) - 3) + [f"{r['process_wall_s']:.0f}"])
             continue
         t = "~" if r["estimated"] else ""
         inf = r["inference_peak_rss_mib"]
         row = [r["label"], r["mode"], "x".join(str(n) for n in r.get("model_space", [])), r["roi"], r["windows"],
-               f"{r['prep_s']:.1f}", f"{t}{r['sw_s']:.1f}", f"{r['post_s']:.1f}", f"{t}{r['e2e_s']:.1f}",
+               num(r["prep_s"]), t + num(r["sw_s"]), num(r["post_s"]), f"{t}{r['e2e_s']:.1f}",
                f"{t}{r['net_s']:.1f}", f"{r['s_per_window']:.2f}", f"{r['peak_rss_mib']:.0f}",
                "?" if inf is None else f"{inf:.0f}", f"{r['rss_before_mib']:.0f}"]
         if cuda:
@@ -48,15 +53,20 @@ def plan(args, sample_shape) -> list[list]:
     import torch
 
     from mimcore.inference.window import WindowSegmenter, count_windows
+    from segment_cases import big_shape
 
     rows = []
     for case in args.cases:
         if case == "big":
-            shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(BIG_SHAPE, BIG_SPACING, PREP["spacing"]))
+            shape = tuple(max(1, round(n * s / t))
+                          for n, s, t in zip(big_shape(args.quick), BIG_SPACING, PREP["spacing"]))
         else:
             shape = sample_shape
         for model in args.models:
-            roi = ROI[model]
+            if model == "nnunet" or model.startswith("bundle"):  # its plans / the bundle decide
+                rows.append([f"{model}@{case}", "?", "?", "?", "its own", "?", "full"])
+                continue
+            roi = ROI[model.removesuffix("-fast")]
             if model == "swin":
                 n = count_windows(shape, roi, args.overlap)
                 note = "one pass"
@@ -64,6 +74,8 @@ def plan(args, sample_shape) -> list[list]:
                 w = WindowSegmenter(torch.nn.Identity(), roi, torch.device("cpu"), args.overlap, args.sw_batch)
                 n = w.total_windows(shape, N_CLASSES)
                 note = f"{len(w.slabs(shape, N_CLASSES)[1])} slab(s)"
+            if model.endswith("-fast"):
+                note += ", air windows skipped"
             if args.device == "cpu":
                 prior = CPU_PRIOR_S_PER_WINDOW[model]
                 est = n * prior / 60
@@ -92,7 +104,10 @@ def targets(by: dict, args, cuda: bool) -> list[tuple[str, str, str]]:
         out.append(("SKIP", name, "needs --cases sample and --models base swin"))
     name = f"peak memory for the 512x512x400 volume under 6 GB ({CPU_LIMIT_BYTES / MIB:.0f} MiB) on the CPU"
     ours = [by[f"{m}@big"] for m in ("base", "small") if f"{m}@big" in by]
-    if args.device != "cpu":
+    if getattr(args, "quick", False):
+        ours = []
+        out.append(("SKIP", name, "--quick: not the 512x512x400 volume"))
+    elif args.device != "cpu":
         out.append(("SKIP", name, f"device is {args.device}"))
     elif not ours:
         out.append(("SKIP", name, "needs --cases big and --models base and/or small"))

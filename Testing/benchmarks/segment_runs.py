@@ -9,24 +9,22 @@ import time
 
 from bench_common import sync
 from segment_cases import N_CLASSES, PREP, ROI, load_case, ras_shape
+from segment_flops import achieved, matmul_rate, window_flops
 from segment_measure import Probe, Progress, decide_mode, mem_after_run, mem_before_run, result, stage_timer
 
 
-def run_ours(preset: str, case: str, device, args) -> dict:
+def bench_bundle(preset: str, folder: str, args):
+    """A model bundle of ``MiMSegNet(preset)`` with random (seeded) weights, or ``--bundle``."""
     import torch
 
     from mimcore.bundles.bundle import load_bundle, save_bundle
-    from mimcore.devices import resolve_device
-    from mimcore.inference.segment import Segmenter
     from mimcore.models.convvit import preset as convvit_preset
     from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 
-    label = f"{preset}@{case}"
-    vol = load_case(case, args.sample_path)
-    tmp = tempfile.TemporaryDirectory(prefix="bench_segment_")
+    if preset == "bundle":
+        return load_bundle(args.bundle)
     torch.manual_seed(args.seed)
     net = MiMSegNet(convvit_preset(preset), N_CLASSES)
-    n_params = sum(p.numel() for p in net.parameters())
     desc = {
         "name": f"bench-{preset}",
         "architecture": architecture_dict(net, preset),
@@ -35,9 +33,26 @@ def run_ours(preset: str, case: str, device, args) -> dict:
         "inference": {"overlap": args.overlap, "sw_batch_size": args.sw_batch},
         "training": {},
     }
-    path = save_bundle(os.path.join(tmp.name, "bundle"), net.state_dict(), desc)
-    del net
-    bundle = load_bundle(path)
+    return load_bundle(save_bundle(os.path.join(folder, "bundle"), net.state_dict(), desc))
+
+
+def run_ours(model: str, case: str, device, args) -> dict:
+    """One measurement of our path; ``model`` is ``small``, ``base`` or ``bundle``, with ``-fast``
+    for the fast profile. ``big``: end to end from the CT file to the ``.seg.nrrd``."""
+    import numpy as np
+    import torch
+
+    from mimcore.data.labels import Label
+    from mimcore.data.segfile import save_seg_nrrd
+    from mimcore.devices import resolve_device
+    from mimcore.inference.segment import Segmenter
+
+    preset, fast = model.removesuffix("-fast"), model.endswith("-fast")
+    label = f"{model}@{case}"
+    vol = load_case(case, args.sample_path, args.big_path, args.quick)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_segment_")
+    bundle = bench_bundle(preset, tmp.name, args)
+    n_params = sum(t.numel() for t in bundle.state_dict().values())
 
     warnings: list[str] = []
     counter = {"n": 0, "progress": None}
@@ -57,9 +72,10 @@ def run_ours(preset: str, case: str, device, args) -> dict:
         if memory_only["on"]:
             probe.real_left = args.memory_only_batches
 
-    seg = Segmenter(bundle, device=str(dev), precision=args.precision,
+    seg = Segmenter(bundle, device=str(dev), precision=args.precision, overlap=args.overlap, sw_batch=args.sw_batch,
                     events=lambda ev, **f: warnings.append(f"{ev}: {f.get('message')}"), windows=windows_cb,
-                    timer=stage_timer(parts, dev), on_slab=on_slab, forward=probe)
+                    timer=stage_timer(parts, dev), on_slab=on_slab, forward=probe,
+                    profile="fast" if fast else "reference")
     win = seg.window
     roi = win.roi
     windows_planned = seg.total_windows(vol)
@@ -76,20 +92,40 @@ def run_ours(preset: str, case: str, device, args) -> dict:
     memory_only["on"] = mode == "memory-only"
     counter["progress"] = Progress(label, windows_planned)
 
+    amp = win.amp_dtype if seg.device.type == "cuda" else win.cpu_amp_dtype
+    flops = window_flops(seg.net, roi, seg.device)
+    mm = matmul_rate(str(seg.device), "bfloat16" if amp == torch.bfloat16 else "float32")
     mem0 = mem_before_run(seg.device)
     t0 = time.perf_counter()
+    io = {"read_s": 0.0, "write_s": 0.0}
+    if args.big_path and case == "big":  # end to end: read the CT file ... write the .seg.nrrd
+        del vol
+        from mimcore.data.volume_io import load_volume
+
+        vol = load_volume(args.big_path)
+        io["read_s"] = time.perf_counter() - t0
     labels = seg.segment(vol)
     sync(seg.device)
+    if args.big_path and case == "big":
+        t1 = time.perf_counter()
+        save_seg_nrrd(os.path.join(tmp.name, "labels.seg.nrrd"), labels, vol.affine,
+                      [Label.from_dict(lab) for lab in bundle.labels])
+        io["write_s"] = time.perf_counter() - t1
     e2e = time.perf_counter() - t0
     mem = mem_after_run(seg.device, mem0)
     if labels.shape != vol.shape:  # the path's own contract; reported as an error row, not a target
         raise RuntimeError(f"labels {labels.shape} do not match the input {vol.shape}")
+    if args.labels_dir:  # for the parent's Dice of fast against reference
+        np.save(os.path.join(args.labels_dir, f"{label}.npy"), labels)
     tmp.cleanup()
     slabs = win.slabs(tuple(shapes["model_space"]), N_CLASSES)
-    return result(label, preset, case, str(seg.device), mode, roi, n_params, warmup_s, est, e2e, parts,
-                  probe, counter["n"], windows_planned, mem, vol, shapes, warnings,
-                  {"slab_axis": slabs[0], "slab_cores": slabs[1],
-                   "amp": str(win.amp_dtype).replace("torch.", "") if win.amp_dtype else "fp32"})
+    res = result(label, model, case, str(seg.device), mode, roi, n_params, warmup_s, est, e2e, parts,
+                 probe, counter["n"], windows_planned, mem, vol, shapes, warnings,
+                 {"slab_axis": slabs[0], "slab_cores": slabs[1], "profile": seg.profile.name, **io,
+                  "amp": str(amp).replace("torch.", "") if amp else "fp32",
+                  "spacing": list(seg.prep.spacing or [])})
+    res.update(achieved(flops, probe.windows_real, sum(probe.times), mm))
+    return res
 
 
 def run_swin(case: str, device, args) -> dict:
@@ -105,7 +141,7 @@ def run_swin(case: str, device, args) -> dict:
 
     label = f"swin@{case}"
     dev = resolve_device(str(device))
-    vol = load_case(case, args.sample_path)
+    vol = load_case(case, args.sample_path, args.big_path, args.quick)
     torch.manual_seed(args.seed)
     net = SwinUNETR(in_channels=1, out_channels=N_CLASSES, feature_size=48).eval().to(dev)
     n_params = sum(p.numel() for p in net.parameters())
@@ -169,6 +205,11 @@ def run_child(spec: str, args) -> dict:
         torch.set_num_threads(args.threads)
     model, case = spec.split("@")
     t0 = time.perf_counter()
-    res = run_swin(case, args.device, args) if model == "swin" else run_ours(model, case, args.device, args)
+    if model == "nnunet":
+        from segment_nnunet import run_nnunet
+
+        res = run_nnunet(case, args.device, args)
+    else:
+        res = run_swin(case, args.device, args) if model == "swin" else run_ours(model, case, args.device, args)
     res["child_wall_s"] = time.perf_counter() - t0
     return res

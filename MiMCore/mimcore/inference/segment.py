@@ -5,7 +5,10 @@
 1. preprocessing as the bundle says (MONAI): orientation (RAS), resampling to the
    model's spacing (bilinear), HU window clipped and scaled to [0, 1];
 2. sliding-window inference with Gaussian blending, slab by slab
-   (:class:`~mimcore.inference.window.WindowSegmenter`), optional flip TTA;
+   (:class:`~mimcore.inference.window.WindowSegmenter`), optional flip TTA; with the
+   ``fast`` profile (:mod:`mimcore.inference.profiles`) bf16 autocast on CPUs with native
+   bf16, channels-last, and windows of air skipped (background; the body mask is found at
+   low resolution, :mod:`mimcore.inference.body_region`);
 3. optional keep-largest-connected-component per class (MONAI);
 4. the label map is resampled (nearest neighbour, SimpleITK) onto the input volume's own
    grid: same size, spacing, origin and direction as the input.
@@ -26,6 +29,8 @@ from mimcore.data.transforms import volume_to_metatensor
 from mimcore.data.volume_io import Volume
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
+from mimcore.inference.body_region import body_mask, threshold_value
+from mimcore.inference.profiles import autocast_dtype, get_profile
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models import segnet
 
@@ -56,13 +61,18 @@ class Segmenter:
     around each stage of :meth:`segment`: ``"prep"`` (preprocessing), ``"sw"`` (sliding
     window + argmax) and ``"post"`` (labels onto the input grid); ``on_slab`` and
     ``forward`` go to :class:`~mimcore.inference.window.WindowSegmenter`.
+
+    ``precision``: ``auto``, ``fp32`` or ``bf16`` (:func:`~mimcore.inference.profiles.autocast_dtype`);
+    ``profile``: ``reference`` (default) or ``fast`` (:data:`~mimcore.inference.profiles.PROFILES`);
+    ``slab_budget_bytes``: the probability buffer of one slab (default: the profile's, else 1 GiB).
     """
 
     def __init__(self, bundle, device: str = "auto", overlap: float | None = None, sw_batch: int | None = None,
                  tta: bool | None = None, keep_largest: bool | None = None, precision: str = "auto",
-                 events=None, windows=None, slab_budget_bytes: int = 1 << 30, *, timer=None, on_slab=None,
-                 forward=None):
+                 events=None, windows=None, slab_budget_bytes: int | None = None, *, timer=None, on_slab=None,
+                 forward=None, profile="reference"):
         desc = bundle.description
+        self.profile = get_profile(profile)
         settings = dict(INFERENCE_DEFAULTS, **desc.get("inference", {}))
         for key, value in (("overlap", overlap), ("sw_batch_size", sw_batch), ("tta_flips", tta),
                            ("keep_largest", keep_largest)):
@@ -81,15 +91,18 @@ class Segmenter:
             raise MimError(f"the weights of {bundle.path} do not fit its model.json: {len(missing)} missing "
                            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         self.net.eval().to(self.device)
-        amp = None
-        if self.device.type == "cuda" and precision != "fp32":
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = autocast_dtype(self.device, precision, self.profile)
+        cpu_amp = autocast_dtype(torch.device("cpu"), precision, self.profile)
+        if self.profile.channels_last:
+            self.net.to(memory_format=torch.channels_last_3d)
         self.n_classes = segnet.out_channels(self.net)
         self.timer = timer or (lambda stage: contextlib.nullcontext())
         self.window = WindowSegmenter(self.net, segnet.input_size(self.net), self.device, float(settings["overlap"]),
                                       int(settings["sw_batch_size"]), bool(settings["tta_flips"]), amp,
-                                      slab_budget_bytes, on_event=events, on_windows=windows, on_slab=on_slab,
-                                      forward=forward)
+                                      slab_budget_bytes or self.profile.slab_budget_bytes or 1 << 30,
+                                      on_event=events, on_windows=windows, on_slab=on_slab, forward=forward,
+                                      cpu_amp_dtype=cpu_amp,
+                                      channels_last=self.profile.channels_last)
 
     def model_space_shape(self, vol: Volume) -> tuple[int, int, int]:
         """The (X', Y', Z') shape preprocessing gives ``vol``, exactly (MONAI's lazy transforms
@@ -97,8 +110,15 @@ class Segmenter:
         img = preprocess(vol, self.prep, lazy=True)
         return tuple(int(n) for n in img.peek_pending_shape())
 
+    def body_region(self, img: torch.Tensor) -> torch.Tensor | None:
+        """Preprocessed image (1, X', Y', Z') -> the body mask (X', Y', Z') bool whose windows the
+        ``fast`` profile computes (None: every window)."""
+        if not self.profile.skip_air:
+            return None
+        return body_mask(img, threshold_value(self.prep.hu_min, self.prep.hu_max))
+
     def total_windows(self, vol: Volume) -> int:
-        """Network windows needed for ``vol`` (for progress bars)."""
+        """Windows visited for ``vol`` (for progress bars; skipped air windows count as done)."""
         return self.window.total_windows(self.model_space_shape(vol), self.n_classes)
 
     def segment_model_space(self, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +126,8 @@ class Segmenter:
         with self.timer("prep"):
             img = preprocess(vol, self.prep)
         with self.timer("sw"):
-            labels = self.window(img.as_tensor(), self.n_classes)
+            image = img.as_tensor()
+            labels = self.window(image, self.n_classes, self.body_region(image))
         if self.settings["keep_largest"]:
             values = [lab["value"] for lab in self.labels]
             keep = KeepLargestConnectedComponent(applied_labels=values, is_onehot=False, independent=True)

@@ -38,7 +38,10 @@ def count_windows(shape: tuple[int, ...], roi: int, overlap: float) -> int:
 class WindowSegmenter:
     """Label a preprocessed (1, X, Y, Z) volume with a segmentation network of input size ``roi``.
 
-    ``__call__(image) -> (X, Y, Z) uint8/uint16`` (argmax of the blended softmax).
+    ``__call__(image, n_classes, mask=None) -> (X, Y, Z) uint8/uint16`` (argmax of the blended
+    softmax). With a ``mask`` (X, Y, Z) bool (:func:`~mimcore.inference.body_region.body_mask`),
+    a window holding no mask voxel is not computed: it gives background (probability 1),
+    and every window that holds one runs as without the mask.
     ``slab_budget_bytes`` bounds the probability buffer of one slab (C x X x Y x slab x 4).
 
     Hooks (all optional):
@@ -48,6 +51,11 @@ class WindowSegmenter:
             the slab axis (voxels).
         forward: ``forward(net, x) -> logits`` runs the network on a window batch
             x (n, 1, R, R, R); default ``net(x)``.
+
+    Precision and layout: ``amp_dtype`` is the autocast dtype while the network is on CUDA,
+    ``cpu_amp_dtype`` while it is on the CPU (also after an out-of-memory fallback; None:
+    fp32); ``channels_last`` hands the network its windows as ``channels_last_3d`` (the caller
+    converts the weights). Probabilities and blending are always float32.
     """
 
     def __init__(self, net: torch.nn.Module, roi: int, device: torch.device, overlap: float = 0.5,
@@ -55,9 +63,11 @@ class WindowSegmenter:
                  slab_budget_bytes: int = 1 << 30, on_event: Callable[..., None] | None = None,
                  on_windows: Callable[[int], None] | None = None,
                  on_slab: Callable[[int, int], None] | None = None,
-                 forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
+                 forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 cpu_amp_dtype: torch.dtype | None = None, channels_last: bool = False):
         self.net, self.roi, self.device = net, roi, device
         self.overlap, self.sw_batch, self.tta, self.amp_dtype = overlap, sw_batch, tta, amp_dtype
+        self.cpu_amp_dtype, self.channels_last = cpu_amp_dtype, channels_last
         self.slab_budget = slab_budget_bytes
         self.on_event = on_event or (lambda *a, **k: None)
         self.on_windows = on_windows or (lambda n: None)
@@ -66,11 +76,25 @@ class WindowSegmenter:
 
     # ------------------------------------------------------------------ network
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, 1, R, R, R) -> softmax probabilities (n, C, R, R, R) float32 (flip-averaged with TTA)."""
+    def predict(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, 1, R, R, R) -> softmax probabilities (n, C, R, R, R) float32 (flip-averaged with TTA).
+
+        ``condition`` (n, 1, R, R, R): the mask's windows (MONAI slices it along with x); windows
+        without a mask voxel are not run and get background."""
+        if condition is not None:
+            keep = condition.flatten(1).any(1).bool().cpu()
+            if not keep.all():
+                self.on_windows(int((~keep).sum()) * (1 + len(TTA_FLIPS) if self.tta else 1))
+                p = torch.zeros((x.shape[0], self.n_classes) + tuple(x.shape[2:]))
+                p[:, 0] = 1
+                if keep.any():
+                    p[keep] = self.predict(x[keep.to(x.device)]).cpu()
+                return p.to(x.device)
         dev = next(self.net.parameters()).device
         x = x.to(dev)
-        amp = self.amp_dtype if dev.type == "cuda" else None
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        amp = self.amp_dtype if dev.type == "cuda" else self.cpu_amp_dtype
 
         def probs(inp):
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -105,9 +129,10 @@ class WindowSegmenter:
             total += count_windows(tuple(sub), self.roi, self.overlap)
         return total * (1 + len(TTA_FLIPS) if self.tta else 1)
 
-    def __call__(self, image: torch.Tensor, n_classes: int) -> np.ndarray:
-        """image (1, X, Y, Z) float (CPU) -> labels (X, Y, Z)."""
+    def __call__(self, image: torch.Tensor, n_classes: int, mask: torch.Tensor | None = None) -> np.ndarray:
+        """image (1, X, Y, Z) float (CPU), mask (X, Y, Z) bool or None -> labels (X, Y, Z)."""
         shape = tuple(image.shape[1:])
+        self.n_classes = n_classes
         axis, cores = self.slabs(shape, n_classes)
         out = np.zeros(shape, dtype=np.uint8 if n_classes <= 256 else np.uint16)
         half = self.roi // 2
@@ -115,7 +140,8 @@ class WindowSegmenter:
             lo, hi = max(0, a - half), min(shape[axis], b + half)
             slab = image.narrow(axis + 1, lo, hi - lo)[None].float()  # (1, 1, ..)
             self.on_slab(a, b)
-            probs = self._run_slab(slab)  # (1, C, ..) on the CPU
+            cond = None if mask is None else mask.narrow(axis, lo, hi - lo)[None, None].to(torch.uint8)
+            probs = self._run_slab(slab, cond)  # (1, C, ..) on the CPU
             core = probs[0].narrow(axis + 1, a - lo, b - a).argmax(0)
             index = [slice(None)] * 3
             index[axis] = slice(a, b)
@@ -123,13 +149,13 @@ class WindowSegmenter:
             del probs, core
         return out
 
-    def _run_slab(self, slab: torch.Tensor) -> torch.Tensor:
+    def _run_slab(self, slab: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         while True:
             dev = next(self.net.parameters()).device
             try:
                 return sliding_window_inference(
                     slab, (self.roi,) * 3, self.sw_batch, self.predict, overlap=self.overlap, mode="gaussian",
-                    sw_device=dev, device=torch.device("cpu"))
+                    sw_device=dev, device=torch.device("cpu"), condition=condition)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if self.sw_batch > 1:

@@ -330,7 +330,7 @@ def test_summary_says_what_the_sheet_shows(result):
 
 
 def test_learning_warning_only_when_no_better_than_the_mean():
-    from mimcore.reconstruct_figure import learning_warning
+    from mimcore.reconstruct.figure import learning_warning
 
     ratio, text = learning_warning([0.99, 1.0, 1.01], [1.0, 1.0, 1.0], 80, is_mim=True)
     assert ratio > 0.9 and "not learned yet at step 80" in text and "flat blocks" in text
@@ -343,7 +343,7 @@ def test_one_window_per_level_keeps_air_noise_flat(tmp_path):
     and the row's three panels share the window: a reconstruction 400 HU brighter shows brighter."""
     import matplotlib.image
 
-    from mimcore.reconstruct_figure import SheetRow, display_window, write_sheet
+    from mimcore.reconstruct.figure import SheetRow, display_window, write_sheet
 
     rng = np.random.default_rng(0)
     air = (-1000 + 5 * rng.standard_normal((1, 32, 32, 32))).astype(np.float32)
@@ -390,7 +390,7 @@ def test_thick_slices_say_why_and_offer_spacing():
     tall against a 210 mm volume; the note says moving --center cannot help and names --spacing."""
     from mimcore.data.volume_io import Volume
     from mimcore.reconstruct import extract_crop
-    from mimcore.reconstruct_spacing import padding_note, preview_preprocessing
+    from mimcore.reconstruct.spacing import padding_note, preview_preprocessing
 
     affine = np.diag([1.5, 1.5, 7.0, 1.0])
     vol = Volume(np.zeros((160, 160, 30), dtype=np.float32), affine, "thick")  # 240 x 240 x 210 mm

@@ -54,7 +54,7 @@ def handler(args: argparse.Namespace) -> int:
     """Handler of ``mim reconstruct``; returns 0 (MimError is turned into exit code 2 by main)."""
     from mimcore import events
     from mimcore.reconstruct import reconstruct
-    from mimcore.reconstruct_spacing import parse_spacing_arg
+    from mimcore.reconstruct.spacing import parse_spacing_arg
     from mimcore.training.progress import Progress
 
     mode = "bar" if args.progress == "text" else args.progress

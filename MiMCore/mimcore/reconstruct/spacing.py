@@ -71,7 +71,7 @@ def padding_note(crop, size: int, prep, trained) -> str | None:
     than the volume along an axis)."""
     if crop.padded_fraction <= 0:
         return None
-    from mimcore.reconstruct import ras_bounds
+    from mimcore.reconstruct.crop import ras_bounds
 
     def fmt(v):
         return "(" + ", ".join(f"{x:.1f}" for x in np.asarray(v, dtype=np.float64)) + ")"

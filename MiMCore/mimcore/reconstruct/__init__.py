@@ -15,12 +15,12 @@ Steps (:func:`reconstruct`):
    pre-training does (:func:`~mimcore.data.preprocess.deterministic_transforms`);
 2. cut a crop of ``crop_size^3`` (twice the network input) centred at a RAS position
    with MONAI's ``BorderPadd``/``SpatialCropd``, so the crop's affine is tracked
-   exactly (:func:`~mimcore.reconstruct_crop.extract_crop`, with the geometry below);
+   exactly (:func:`~mimcore.reconstruct.crop.extract_crop`, with the geometry below);
 3. build the levels (:func:`~mimcore.methods.mim.build_levels`, seeded) and reconstruct
    each one in a single batch (:func:`predict_level`; :func:`preview_level` for the other methods);
 4. write ``OUT/level{1,2,3}/volNN_{hidden,reconstruction,original}.nii.gz`` in HU, each
    with the affine that places it in the patient (:func:`level_affines`), a PNG sheet
-   ``OUT/levels.png`` (:mod:`mimcore.reconstruct_figure`: what the viewer sees, said on it) and
+   ``OUT/levels.png`` (:mod:`mimcore.reconstruct.figure`: what the viewer sees, said on it) and
    ``OUT/summary.json``.
 
 Geometry (crop affine ``A``, crop index axes = tensor axes (d, h, w) = array axes
@@ -47,7 +47,7 @@ import torch
 
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
-from mimcore.reconstruct_crop import (  # noqa: F401  (the geometry and the crop, re-exported)
+from mimcore.reconstruct.crop import (  # noqa: F401  (the geometry and the crop, re-exported)
     Crop,
     _fmt,
     _inside_axes,
@@ -123,7 +123,7 @@ class ReconstructionResult:
     losses: list[float]
     padded_fraction: float
     files: list[Path] = field(default_factory=list)
-    warning: str | None = None  # the model has not learned yet (see reconstruct_figure.learning_warning)
+    warning: str | None = None  # the model has not learned yet (see reconstruct.figure.learning_warning)
     step: int | None = None  # the checkpoint's training step (None: the authors' checkpoint)
 
     def outputs(self) -> dict:
@@ -187,9 +187,9 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
     """Run the whole ``mim reconstruct``: returns where everything was written.
 
     ``checkpoint``: a ``mim pretrain`` run folder or checkpoint, or an authors' MiM ``.pth``
-    (:mod:`mimcore.reconstruct_checkpoint`); ``spacing``: the preview's grid, "auto" (the
+    (:mod:`mimcore.reconstruct.checkpoint`); ``spacing``: the preview's grid, "auto" (the
     checkpoint's training spacing if it records one), "native" or (3,) mm
-    (:mod:`mimcore.reconstruct_spacing`). ``progress(step, total, metrics)`` is called with
+    (:mod:`mimcore.reconstruct.spacing`). ``progress(step, total, metrics)`` is called with
     step 0 once the crop is ready and the number of levels known, then after each level is
     reconstructed and written; ``notice(message)`` with things the user should know (padding,
     spacing); ``warn(message)`` (default: ``notice``) when the model has not learned yet.
@@ -199,9 +199,9 @@ def reconstruct(checkpoint, image, center_ras=None, output_dir=None, seed: int =
     from mimcore.methods.masking import unpatchify
     from mimcore.methods.mim import build_levels
     from mimcore.methods.registry import METHOD_NAMES, checkpoint_method
-    from mimcore.reconstruct_checkpoint import load_for_reconstruction
-    from mimcore.reconstruct_figure import SheetRow, display_window, learning_warning, write_sheet
-    from mimcore.reconstruct_spacing import padding_note, preview_preprocessing
+    from mimcore.reconstruct.checkpoint import load_for_reconstruction
+    from mimcore.reconstruct.figure import SheetRow, display_window, learning_warning, write_sheet
+    from mimcore.reconstruct.spacing import padding_note, preview_preprocessing
 
     dev = resolve_device(device or "auto")
     model, meta = load_for_reconstruction(checkpoint)

@@ -36,6 +36,7 @@ from slicer import (
 )
 
 from MiMSlicerLib import dependencies, fields, modelinfo, views
+from MiMSlicerLib.progress import format_seconds
 
 DEVICE_CHOICES = list(dependencies.DEVICE_CHOICES)
 
@@ -141,17 +142,6 @@ class MiMSlicerParameterNode:
 def _isSet(path) -> bool:
     """An empty ctkPathLineEdit gives Path('') == Path('.')."""
     return fields.path_is_set(path)
-
-
-def _formatSeconds(seconds) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return ""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
 
 
 #
@@ -1026,7 +1016,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parts = [str(task.stage or _("working"))]
         if total:
             parts.append(f"{int(step or 0)}/{int(total)}")
-        eta = _formatSeconds(task.eta_s)
+        eta = format_seconds(task.eta_s)
         if eta:
             parts.append(_("about {time} left").format(time=eta))
         metrics = task.last_metrics or {}

@@ -72,3 +72,31 @@ def spawn_child(cmd: list[str], ident: dict, timeout: float) -> dict:
         if line.startswith(RESULT_TAG):
             return {**json.loads(line[len(RESULT_TAG):]), "process_wall_s": wall}
     return {**ident, "error": f"child exited with {proc.returncode}", "process_wall_s": wall}
+
+
+def matmul_rate(device: str, dtype_name: str | None = None, n: int = 2048, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype_name`` ("float32" or
+    "bfloat16"; default: bf16 on CUDA, fp32 elsewhere), the reference rate the benchmarks
+    report achieved FLOP/s against."""
+    import statistics
+    import time
+
+    import torch
+
+    if dtype_name is None:
+        dtype_name = "bfloat16" if str(device).startswith("cuda") else "float32"
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    del a, b
+    best = min(times)
+    return {"n": n, "dtype": dtype_name, "best_s": best, "median_s": statistics.median(times),
+            "flops_per_s": 2 * n**3 / best}

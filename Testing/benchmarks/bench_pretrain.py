@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 
-from bench_common import RESULT_TAG, machine_info, spawn_child, sync
+from bench_common import RESULT_TAG, machine_info, matmul_rate, spawn_child, sync
 from bench_pretrain_methods import EXTRAS, build, format_table, make_step, method_configs, per_sample
 
 
@@ -84,27 +84,6 @@ def _register_cpu_sdpa_flops() -> None:
             pass
 
 
-def matmul_rate(device: str, n: int = 2048, repeats: int = 5) -> dict:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul (fp32 on CPU, bf16 on CUDA)."""
-    import torch
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    del a, b
-    best = min(times)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "best_s": best,
-            "median_s": statistics.median(times), "flops_per_s": 2 * n**3 / best}
-
-
 # ----------------------------------------------------------------------------- child mode
 
 def run_child(config: str, device: str, repeats: int, threads: int | None, seed: int, matmul_n: int,
@@ -122,7 +101,7 @@ def run_child(config: str, device: str, repeats: int, threads: int | None, seed:
 
     t_start = time.perf_counter()
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    mm = matmul_rate(device, matmul_n)  # adjacent reference for this configuration
+    mm = matmul_rate(device, n=matmul_n)  # adjacent reference for this configuration
 
     model, loss_fn, info = build(config, device, seed, batch)
     n_params = sum(p.numel() for p in model.parameters())
@@ -306,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  device: {args.device} ({'autocast bf16' if cuda else 'fp32'}); load average at start: "
           f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
 
-    mm = matmul_rate(args.device, args.matmul_size)
+    mm = matmul_rate(args.device, n=args.matmul_size)
     print(f"  dense matmul {mm['n']}^3 {mm['dtype']}: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s "
           f"(best of 5; median {2 * mm['n'] ** 3 / mm['median_s'] / 1e9:.1f})", flush=True)
 

@@ -4,10 +4,7 @@ dense matmul rate (fp32 and bf16), measured in the same child as the run it is c
 
 from __future__ import annotations
 
-import statistics
-import time
-
-from bench_common import sync
+from bench_common import matmul_rate  # noqa: F401  (re-exported: segment_runs, segment_nnunet)
 
 
 def window_flops(net, roi, device) -> float:
@@ -25,26 +22,6 @@ def window_flops(net, roi, device) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(x)
     return float(counter.get_total_flops())
-
-
-def matmul_rate(device: str, dtype_name: str = "float32", n: int = 2048, repeats: int = 5) -> dict:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype_name`` (float32 or bfloat16)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    return {"n": n, "dtype": dtype_name, "best_s": best, "median_s": statistics.median(times),
-            "flops_per_s": 2 * n**3 / best}
 
 
 def achieved(flops_per_window: float, windows_real: int, net_s: float, mm: dict) -> dict:

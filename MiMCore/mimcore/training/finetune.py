@@ -44,7 +44,7 @@ from mimcore.training.finetune_plot import plot_curves
 from mimcore.training.logs import append_jsonl, tensorboard_writer, truncate_metrics
 from mimcore.training.pretrain_data import StepBatches, stream_seed
 from mimcore.training.progress import Progress
-from mimcore.training.run_folder import RunFolder, claim_run_folder
+from mimcore.training.run_folder import RunFolder, run_holding_folder
 
 FORMAT = "mimcore.finetune.v1"
 
@@ -120,15 +120,8 @@ def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, 
 
 def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo,
          folder: RunFolder | None = None) -> dict:
-    """The run, holding its run folder (lock, no silent reuse, orphans: :mod:`run_folder`):
-    ``folder`` if the caller claimed it already, else claimed here by every rank together."""
-    if args.keep_checkpoints < 0:
-        raise MimError(f"--keep-checkpoints must be 0 (keep all) or more, not {args.keep_checkpoints}")
-    if folder is not None:
-        return _train(args, device, dist_info, folder)
-    with claim_run_folder(args.output, "finetune", resume=args.resume, overwrite=args.overwrite,
-                          dist_info=dist_info) as folder:
-        return _train(args, device, dist_info, folder)
+    """The run, holding its run folder (:func:`run_folder.run_holding_folder`)."""
+    return run_holding_folder("finetune", args, dist_info, folder, lambda held: _train(args, device, dist_info, held))
 
 
 def _train(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo, folder: RunFolder) -> dict:

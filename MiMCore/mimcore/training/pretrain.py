@@ -38,7 +38,7 @@ from mimcore.training.optim import make_optimizer, scaled_lr, warmup_cosine
 from mimcore.training.pretrain_data import RandomCrops, StepBatches, find_volumes, stream_seed, volumes_summary
 from mimcore.training.logs import tensorboard_writer, truncate_metrics
 from mimcore.training.progress import Progress
-from mimcore.training.run_folder import RunFolder, claim_run_folder
+from mimcore.training.run_folder import RunFolder, run_holding_folder
 
 
 @dataclass
@@ -183,15 +183,8 @@ def _prep_options(prep: Preprocessing) -> str:
 
 def _run(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo,
          folder: RunFolder | None = None) -> dict:
-    """The run, holding its run folder (lock, no silent reuse, orphans: :mod:`run_folder`):
-    ``folder`` if the caller claimed it already, else claimed here by every rank together."""
-    if args.keep_checkpoints < 0:
-        raise MimError(f"--keep-checkpoints must be 0 (keep all) or more, not {args.keep_checkpoints}")
-    if folder is not None:
-        return _train(args, device, dist_info, folder)
-    with claim_run_folder(args.output, "pretrain", resume=args.resume, overwrite=args.overwrite,
-                          dist_info=dist_info) as folder:
-        return _train(args, device, dist_info, folder)
+    """The run, holding its run folder (:func:`run_folder.run_holding_folder`)."""
+    return run_holding_folder("pretrain", args, dist_info, folder, lambda held: _train(args, device, dist_info, held))
 
 
 def _train(args: PretrainArgs, device: torch.device, dist_info: distributed.DistInfo, folder: RunFolder) -> dict:

@@ -34,7 +34,7 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,3 +316,18 @@ def claim_run_folder(output: str | os.PathLike, command: str, *, resume: str | N
     if error is not None:
         raise MimError(error)
     return folder
+
+
+def run_holding_folder(command: str, args, dist_info, folder: "RunFolder | None",
+                       train: "Callable[[RunFolder], dict]") -> dict:
+    """Run ``train(folder)`` holding the run folder ``args.output`` (lock, no silent reuse,
+    orphans cleaned): ``folder`` if the caller claimed it already (the command line, before
+    torch is imported), else claimed here by every rank together. ``args`` has ``output``,
+    ``resume``, ``overwrite`` and ``keep_checkpoints``."""
+    if args.keep_checkpoints < 0:
+        raise MimError(f"--keep-checkpoints must be 0 (keep all) or more, not {args.keep_checkpoints}")
+    if folder is not None:
+        return train(folder)
+    with claim_run_folder(args.output, command, resume=args.resume, overwrite=args.overwrite,
+                          dist_info=dist_info) as held:
+        return train(held)

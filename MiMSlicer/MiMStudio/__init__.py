@@ -11,6 +11,7 @@ run as ``python -m mimcore ...`` child processes. Start: ``make studio`` or
 | ``access`` | token check and one page per server; paths confined to shared folders |
 | ``catalog`` | the sample CTs, data-folder volumes and pre-training runs a page may open |
 | ``uploads`` | size-limited uploads into a private temporary folder |
+| ``cases`` | the list of fine-tuning cases (volume, segmentation pairs) |
 | ``views`` | view layouts (segment, preview), click position, server-side snapshots |
 | ``app`` | the server: state, actions, task polling |
 | ``ui`` | the page |

@@ -32,6 +32,7 @@ from MiMSlicerLib.segmentations import segments
 from MiMSlicerLib.volumes import load_volume
 from MiMStudio import views
 from MiMStudio.access import AccessGuard, page_guard
+from MiMStudio.cases import CaseList, cases_text
 from MiMStudio.catalog import Catalog, sample_datalist
 from MiMStudio.config import StudioConfig
 from MiMStudio.uploads import UploadFolder, too_large_message
@@ -103,7 +104,9 @@ class StudioApp:
         self.segmentation_node = None
         self.preview_result: dict | None = None
         self.preview_center: list[float] | None = None
-        self._loaded: list = []  # nodes of the current volume (removed when another is loaded)
+        self._loaded: list = []  # nodes of the current volume (removed when another is loaded, unless a case)
+        self.cases = CaseList()  # the fine-tuning cases (kept in the scene across loads)
+        self._finetune_cases = 0
         self._set_defaults()
         self._bind()
         self._click_observer = None
@@ -123,6 +126,7 @@ class StudioApp:
             "preview_levels": [], "preview_level": None, "preview_center_text": "volume centre",
             "pick_center": False, "painting": False, "paint_segment": None,
             "ft_steps": 2, "ft_name": "", "ft_spacing": "", "ft_curves": {}, "ft_last": "",
+            "ft_cases": [], "ft_cases_text": cases_text(0),
         })
         for kind in KINDS:
             s[f"{kind}_running"] = False
@@ -146,7 +150,8 @@ class StudioApp:
 
     def _bind(self) -> None:
         for name in ("load_volume", "segment", "preview", "finetune", "cancel", "upload", "upload_too_large",
-                     "download_seg_nrrd", "download_nifti", "snapshot", "start_paint", "stop_paint", "refresh"):
+                     "download_seg_nrrd", "download_nifti", "snapshot", "start_paint", "stop_paint", "refresh",
+                     "add_case", "remove_case"):
             self.server.trigger(name)(self._guarded(getattr(self, name)))
         self.state.change("preview_level")(lambda preview_level, **_: self._show_preview_level(preview_level))
         self.state.change("layout")(lambda layout, **_: self.layout_manager.set_layout(layout))
@@ -192,7 +197,12 @@ class StudioApp:
                 raise MiMSlicerError(f"A {kind} job is running on the current volume: wait for it or cancel it.")
         self.stop_paint()
         for node in self._loaded:
-            if node.GetScene() is self.scene:
+            if node.GetScene() is not self.scene:
+                continue
+            if self.cases.holds(node):  # a fine-tuning case stays in the scene, out of sight
+                if node.IsA("vtkMRMLSegmentationNode") and node.GetDisplayNode() is not None:
+                    node.GetDisplayNode().SetVisibility(False)
+            else:
                 self.scene.RemoveNode(node)
         self._loaded, self.segmentation_node, self.preview_result = [], None, None
         node = load_volume(path, self.scene)
@@ -265,16 +275,46 @@ class StudioApp:
         self._start("preview", self.logic.start_preview(str(checkpoint), volume, center_ras=self.preview_center,
                                                          device=self.config.device))
 
-    def finetune(self, steps=None, name=None, spacing=None, model=None) -> None:
-        """Fine-tune ``model`` (default the selected one) on the current volume and segmentation.
-        The page passes its field values along, so the action sees what was typed just before."""
-        self._check_idle("finetune")
+    # ------------------------------------------------------------------ fine-tuning cases
+
+    def add_case(self) -> None:
+        """Add the current volume and its segmentation to the fine-tuning cases (the Qt module's
+        "Add case"): they stay in the scene when another volume is loaded."""
         volume = self._need_volume()
+        if self.segmentation_node is None:
+            raise MiMSlicerError("Nothing to add: segment the volume (or paint) first, then add it as a case.")
+        self.stop_paint()
+        number = self.cases.add(volume, self.segmentation_node)
+        self._show_cases()
+        self.say(f"Case {number}: {volume.GetName()} with '{self.segmentation_node.GetName()}'.", "success")
+
+    def remove_case(self, index) -> None:
+        """Take a case off the list; its nodes leave the scene unless they are the current volume's."""
+        for node in self.cases.remove(index):
+            current = any(node is loaded for loaded in self._loaded)
+            if not current and not self.cases.holds(node) and node.GetScene() is self.scene:
+                self.scene.RemoveNode(node)
+        self._show_cases()
+
+    def _show_cases(self) -> None:
+        self.state.ft_cases = self.cases.rows()
+        self.state.ft_cases_text = cases_text(len(self.cases))
+
+    def finetune(self, steps=None, name=None, spacing=None, model=None) -> None:
+        """Fine-tune ``model`` (default the selected one) on the listed cases, or, with none listed,
+        on the current volume and segmentation. The page passes its field values along, so the
+        action sees what was typed just before."""
+        self._check_idle("finetune")
         for key, value in (("ft_steps", steps), ("ft_name", name), ("ft_spacing", spacing), ("model_choice", model)):
             if value is not None:
                 self.state[key] = value
-        if self.segmentation_node is None:
-            raise MiMSlicerError("Nothing to learn from: segment the volume (or paint) first, then correct it.")
+        if len(self.cases):
+            pairs = list(self.cases.pairs)
+        else:
+            volume = self._need_volume()
+            if self.segmentation_node is None:
+                raise MiMSlicerError("Nothing to learn from: segment the volume (or paint) first, then correct it.")
+            pairs = [(volume, self.segmentation_node)]
         try:
             steps = int(self.state.ft_steps)
         except (TypeError, ValueError):
@@ -290,10 +330,11 @@ class StudioApp:
             if len(spacing) != 3 or min(spacing) <= 0:
                 raise MiMSlicerError("Spacing: one or three positive numbers in mm, e.g. '1.5' or '1.5 1.5 2'.")
         self.stop_paint()
-        task = self.logic.start_finetune([(volume, self.segmentation_node)], self.state.model_choice or None, steps,
+        task = self.logic.start_finetune(pairs, self.state.model_choice or None, steps,
                                          device=self.config.device, name=(self.state.ft_name or "").strip() or None,
                                          spacing=spacing)
         self.state.ft_curves, self.state.ft_last = {}, ""
+        self._finetune_cases = len(pairs)
         self._start("finetune", task)
 
     def cancel(self, kind: str) -> None:
@@ -389,7 +430,9 @@ class StudioApp:
     def _finetune_done(self, task) -> None:
         self._refresh_models(select=task.result)
         self.state.ft_last = task.result
-        self.say(f"Fine-tuned model '{task.result}' is in the library and selected for Segment.", "success")
+        cases = f"{self._finetune_cases} case{'s' if self._finetune_cases != 1 else ''}"
+        self.say(f"Fine-tuned model '{task.result}' ({cases}) is in the library and selected for Segment.",
+                 "success")
 
     def _show_curves(self, task) -> None:
         found = curves(task)

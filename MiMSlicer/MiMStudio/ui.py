@@ -108,6 +108,17 @@ def build_ui(app: StudioApp):
                             click="trigger('start_paint')")
                     v3.VBtn("Stop painting", id="stop-paint-btn", size="small", color="warning",
                             v_show=("painting",), click="trigger('stop_paint')")
+                with html.Div(classes="d-flex align-center ga-2 mt-2"):
+                    v3.VBtn("Add current case", id="add-case-btn", size="small", prepend_icon="mdi-plus",
+                            disabled=("!has_segmentation",), click="trigger('add_case')")
+                    html.Div("{{ ft_cases_text }}", id="cases-text", classes="text-caption")
+                with html.Div(id="case-list", v_show=("ft_cases.length",), classes="mt-1"):
+                    with html.Div(v_for="c in ft_cases", key="c.index", classes="d-flex align-center case-item"):
+                        html.Span("{{ c.index + 1 }}. {{ c.volume }} - {{ c.segmentation }}",
+                                  classes="text-caption case-name")
+                        v3.VBtn(icon="mdi-close", size="x-small", variant="text", density="compact",
+                                classes="case-remove ml-1", title="Remove this case",
+                                click="trigger('remove_case', [c.index])")
                 with html.Div(classes="d-flex ga-2 mt-2"):
                     v3.VTextField(label="Steps", v_model=("ft_steps",), type="number", density="compact",
                                   hide_details=True, id="ft-steps")

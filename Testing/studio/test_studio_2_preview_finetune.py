@@ -1,10 +1,12 @@
 """MiM Studio end to end: the mask-in-mask preview of a pre-training run (three levels,
-three views), then paint a correction with the segment editor and fine-tune 2 steps:
-live curves, and the new model listed and selected for Segment."""
+three views), then paint a correction with the segment editor, add it as a fine-tuning case,
+load and segment a second CT and add it too, and fine-tune 2 steps on both cases: live
+curves, and the new model (trained on 2 cases) listed and selected for Segment."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 
@@ -64,12 +66,28 @@ def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data):
     page.click("#stop-paint-btn")
     page.wait_for_function(f"parseFloat({smallest}.innerText) > {before}", timeout=15_000)
 
+    cases_text = "document.querySelector('#cases-text').innerText"
+    page.click("#add-case-btn")
+    page.wait_for_function(f"{cases_text}.startsWith('1 case')", timeout=10_000)
+    # a second case: the data folder's CT (another file; Load keeps the first case in the scene), segmented
+    page.click("#volume-select", force=True)
+    page.locator(".v-overlay--active .v-list-item", has_text="Data: ct_small.nii.gz").click()
+    page.click("#load-btn")
+    page.wait_for_function("document.querySelector('#alert').innerText.includes('Loaded ct_small')",
+                           timeout=30_000)
+    page.click("#segment-btn")
+    wait_done(page, "segment")
+    page.click("#add-case-btn")
+    page.wait_for_function(f"{cases_text}.startsWith('2 cases')", timeout=10_000)
+    assert [t.split(". ", 1)[1].split(" - ")[0] for t in page.locator("#case-list .case-name").all_inner_texts()] \
+        == ["example_ct_sm", "ct_small"]
+
     page.fill("#ft-steps", "2")
     page.fill("#ft-name", "studio-tuned")
     page.fill("#ft-spacing", "6")
     page.click("#finetune-btn")
     wait_done(page, "finetune", timeout_s=180)
-    assert "studio-tuned" in page.inner_text("#alert")
+    assert "studio-tuned" in page.inner_text("#alert") and "(2 cases)" in page.inner_text("#alert")
     assert page.locator("#model-select").input_value().startswith("studio-tuned")
     assert page.inner_text("#ft-last").endswith("studio-tuned")
     assert page.locator("#curve-svg polyline").count() >= 1
@@ -79,4 +97,10 @@ def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data):
     listed = page.locator(".v-overlay--active .v-list-item").all_inner_texts()
     page.keyboard.press("Escape")
     assert any(t.startswith("studio-tuned (") for t in listed) and any(t.startswith(studio_data.model) for t in listed)
-    assert (studio_data.models / "studio-tuned" / "model.json").is_file()
+    description = json.loads((studio_data.models / "studio-tuned" / "model.json").read_text(encoding="utf-8"))
+    assert description["training"]["train_cases"] == 2  # the job's datalist held both cases
+    for remaining in (1, 0):  # the list empties: Fine-tune is back to the current case
+        page.locator("#case-list .case-remove").first.click()
+        page.wait_for_function(f"document.querySelectorAll('#case-list .case-item').length === {remaining}",
+                               timeout=10_000)
+    assert page.inner_text("#cases-text").startswith("No case added")

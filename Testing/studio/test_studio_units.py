@@ -11,6 +11,7 @@ import pytest
 from MiMSlicerLib.errors import MiMSlicerError
 from MiMSlicerLib.progress import curves, format_seconds, progress_fraction, progress_text
 from MiMStudio.access import AccessGuard, confine
+from MiMStudio.cases import CaseList, cases_text
 from MiMStudio.catalog import Catalog
 from MiMStudio.config import config_from_args, resolve_token
 from MiMStudio.uploads import MB, UploadFolder, safe_name
@@ -111,3 +112,27 @@ def test_progress_text_fraction_and_curves():
     assert progress_fraction(_task(total=0)) == 0.0
     assert progress_fraction(_task(done=True)) == 1.0
     assert curves(_task()) == {"loss": [(1, 1.0), (2, 0.8), (3, 0.51234)], "dice": [(2, 0.4)]}
+
+
+def _node(name):
+    return SimpleNamespace(GetName=lambda: name)
+
+
+def test_the_fine_tuning_case_list():
+    cases = CaseList()
+    ct1, seg1, ct2, seg2 = _node("ct1"), _node("ct1 - tiny"), _node("ct2"), _node("ct2 - tiny")
+    assert len(cases) == 0 and cases.rows() == [] and cases_text(0).startswith("No case added")
+    assert cases.add(ct1, seg1) == 1 and cases_text(1) == "1 case: Fine-tune trains on this one."
+    with pytest.raises(MiMSlicerError, match="'ct1 - tiny' is already case 1"):
+        cases.add(ct1, seg1)
+    with pytest.raises(MiMSlicerError, match="Nothing to add"):
+        cases.add(ct2, None)
+    assert cases.add(ct2, seg2) == 2 and cases_text(2) == "2 cases: Fine-tune trains on these."
+    assert cases.rows() == [{"index": 0, "volume": "ct1", "segmentation": "ct1 - tiny"},
+                            {"index": 1, "volume": "ct2", "segmentation": "ct2 - tiny"}]
+    assert cases.holds(ct1) and cases.holds(seg2) and not cases.holds(_node("ct1"))  # the node, not its name
+    for bad in (2, -1, "x", None, True):
+        with pytest.raises(MiMSlicerError, match="no case"):
+            cases.remove(bad)
+    assert cases.remove(0) == (ct1, seg1) and not cases.holds(ct1)
+    assert cases.pairs == [(ct2, seg2)] and cases.rows()[0]["index"] == 0

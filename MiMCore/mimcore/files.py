@@ -210,6 +210,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "") -> 
     return atomic_write(path, write, verify, what=what)
 
 
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename folder ``src`` onto ``dest`` (same file system), replacing an existing ``dest``:
+    the old one is renamed aside and deleted only once ``src`` is in place (put back if not)."""
+    if not dest.exists():
+        os.rename(src, dest)
+        return
+    trash = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    os.rmdir(trash)
+    os.rename(dest, trash)
+    try:
+        os.rename(src, dest)
+    except OSError:
+        os.rename(trash, dest)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, replace: bool = False, what: str = ""):
     """Build a folder atomically: ``with atomic_dir(dest) as tmp:`` fill ``tmp``; on a normal
@@ -240,18 +257,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False, what: str = ""):
         if dest.exists() and not replace:
             raise OutputError(f"Could not write {what} {dest}: it exists. Choose a new name or remove it.",
                               path=dest)
-        if dest.exists():
-            trash = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-            os.rmdir(trash)
-            os.rename(dest, trash)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                os.rename(trash, dest)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        replace_dir(tmp, dest)
         with contextlib.suppress(OSError):
             fsync_path(dest.parent, folder=True)
     except MimError:

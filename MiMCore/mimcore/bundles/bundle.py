@@ -311,25 +311,6 @@ def _is_replaceable_bundle_dir(path: Path) -> bool:
         (path / DESCRIPTION_FILE).is_file() or not any(path.iterdir()))
 
 
-def replace_dir(src: Path, dest: Path) -> None:
-    """Rename directory ``src`` onto ``dest`` (same file system), replacing an existing ``dest``.
-
-    The old ``dest`` is first renamed aside and deleted only once ``src`` is in place.
-    """
-    if not dest.exists():
-        os.rename(src, dest)
-        return
-    trash = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
-    os.rmdir(trash)
-    os.rename(dest, trash)
-    try:
-        os.rename(src, dest)
-    except OSError:
-        os.rename(trash, dest)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def write_zip(folder: Path, zip_path: str | os.PathLike) -> None:
     """Zip a bundle directory's model.json and weights (at the zip's root) into ``zip_path``."""
     desc = json.loads((folder / DESCRIPTION_FILE).read_text(encoding="utf-8"))

@@ -181,19 +181,9 @@ def apply_config(args: argparse.Namespace, unset: set[str]) -> dict:
 
 def parse_spacing(values) -> tuple[float, float, float] | str | None:
     """``--spacing``: None (the method's recipe), "native", or three sizes in mm."""
-    if values is None:
-        return None
-    values = [values] if isinstance(values, str) else list(values)
-    if [str(v).lower() for v in values] == ["native"]:
-        return "native"
-    try:
-        spacing = tuple(float(v) for v in values)
-    except ValueError:
-        spacing = ()
-    if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
-        raise MimError(f"--spacing {' '.join(map(str, values))} is neither three positive sizes in mm "
-                       "(e.g. --spacing 1.5 1.5 2) nor 'native'")
-    return spacing
+    from mimcore.data.preprocess import parse_spacing_option
+
+    return None if values is None else parse_spacing_option(values, ("native",))
 
 
 def handler(args: argparse.Namespace, defaults: dict) -> int:

@@ -19,6 +19,31 @@ from mimcore.data.transforms import LoadVolumed
 from mimcore.errors import MimError
 
 
+def positive_spacing(values) -> tuple[float, float, float] | None:
+    """Three finite positive voxel sizes (mm) as floats, or None when ``values`` are not that:
+    the one check behind every command's ``--spacing`` and :class:`Preprocessing`."""
+    try:
+        spacing = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return spacing if len(spacing) == 3 and all(0 < v < float("inf") for v in spacing) else None
+
+
+def parse_spacing_option(values, words: tuple[str, ...] = ("native",)) -> str | tuple[float, float, float]:
+    """A ``--spacing`` option's values: one of ``words`` (lower case) or three sizes in mm
+    (MimError otherwise, naming the choices)."""
+    values = [values] if isinstance(values, str) else list(values)
+    given = [str(v).lower() for v in values]
+    if len(given) == 1 and given[0] in words:
+        return given[0]
+    spacing = positive_spacing(values)
+    if spacing is None:
+        choices = " nor ".join(f"'{w}'" for w in words)
+        raise MimError(f"--spacing {' '.join(map(str, values))} is neither three positive sizes in mm "
+                       f"(e.g. --spacing 1.5 1.5 2) nor {choices}")
+    return spacing
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Intensity window (HU) mapped to [0, 1], the orientation every volume is put in,
@@ -36,11 +61,8 @@ class Preprocessing:
             raise MimError(f"the HU window [{self.hu_min:g}, {self.hu_max:g}] is empty; give MIN < MAX "
                            "(e.g. --hu-window -1000 1000)")
         if self.spacing is not None:
-            try:
-                spacing = tuple(float(v) for v in self.spacing)
-            except (TypeError, ValueError):
-                spacing = ()
-            if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
+            spacing = positive_spacing(self.spacing)
+            if spacing is None:
                 raise MimError(f"spacing {self.spacing!r} is not three positive sizes in mm; "
                                "give e.g. --spacing 1.5 1.5 2")
             object.__setattr__(self, "spacing", spacing)

@@ -22,25 +22,13 @@ import dataclasses
 
 import numpy as np
 
-from mimcore.errors import MimError
 
 
 def parse_spacing_arg(values) -> str | tuple[float, float, float]:
     """``--spacing`` words -> "auto", "native" or three sizes in mm (MimError otherwise)."""
-    if values is None:
-        return "auto"
-    values = [values] if isinstance(values, str) else list(values)
-    words = [str(v).lower() for v in values]
-    if words in (["auto"], ["native"]):
-        return words[0]
-    try:
-        spacing = tuple(float(v) for v in values)
-    except ValueError:
-        spacing = ()
-    if len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing):
-        raise MimError(f"--spacing {' '.join(map(str, values))} is neither 'auto', 'native' nor three positive "
-                       "voxel sizes in mm (e.g. --spacing 1.5 1.5 1.5)")
-    return spacing
+    from mimcore.data.preprocess import parse_spacing_option
+
+    return "auto" if values is None else parse_spacing_option(values, ("auto", "native"))
 
 
 def preview_preprocessing(trained, spacing="auto"):

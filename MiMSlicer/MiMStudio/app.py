@@ -452,6 +452,9 @@ class StudioApp:
     def start_paint(self) -> None:
         volume = self._need_volume()
         editor = self.slicer.segmentation_editor
+        if self.state.layout != "segment":  # the brush paints on the CT's views, not on the preview's
+            self.state.layout = "segment"
+            self.layout_manager.set_layout("segment")
         if self.segmentation_node is None:
             node = editor.create_empty_segmentation_node()
             node.SetName(f"{volume.GetName()} - annotation")

@@ -37,7 +37,12 @@ def layouts() -> dict[str, Layout]:
 
 
 def register_layouts(layout_manager: LayoutManager) -> None:
+    """Register the layouts and create their views now, outside any page section: a view
+    created while the page is being built would also be placed in that section (four extra
+    views stacked below the layout, where the page can be scrolled to them)."""
     layout_manager.register_layout_dict(layouts(), lazy_initialization=True)
+    for name in layouts():
+        layout_manager.create_layout_views_if_needed(name)
 
 
 def ras_at_display_point(scene, layout_name: str, x: float, y: float) -> list[float] | None:

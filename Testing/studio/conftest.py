@@ -125,10 +125,12 @@ def studio(studio_data) -> StudioServer:
     env = {**os.environ, **CHILD_ENV, "MIM_DATA_DIR": str(studio_data.sample_cache),
            "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
     env.pop("DISPLAY", None)
-    server = StudioServer(studio_command(studio_data.data, studio_data.models, extra=("--token", token)), env)
+    # "--token=...": a random token may start with "-", which argparse would take for an option
+    server = StudioServer(studio_command(studio_data.data, studio_data.models, extra=(f"--token={token}",)), env)
     server.token = token
     assert f"secret={token}" in server.url
     yield server
+    print("\n".join(server.log("DEBUG")))
     server.stop()
 
 
@@ -199,6 +201,28 @@ def wait_done(page, kind: str, timeout_s: float = 120) -> None:
                              f"message {page.inner_text('#alert')!r}") from e
     status = page.inner_text(f"#{kind}-status")
     assert status.startswith("done"), f"{kind}: {status} / {page.inner_text('#alert')}"
+
+
+def download(page, button: str):
+    """Click ``button`` and return the Playwright download it starts."""
+    with page.expect_download(timeout=60_000) as info:
+        page.click(button)
+    return info.value
+
+
+def visible_views(page) -> list:
+    """The page's views as the user sees them (layouts not shown are kept hidden in the page)."""
+    return [area for area in page.locator(".display-area").all() if area.is_visible()]
+
+
+def wait_layout(page, views: int, timeout_s: float = 15) -> None:
+    """Wait until the page shows ``views`` views. A layout switch reaches the page after a
+    server round trip (about 2 s on a loaded 2-core machine): a stroke drawn before then
+    lands on the previous layout's views."""
+    deadline = time.monotonic() + timeout_s
+    while len(visible_views(page)) != views or page.locator(".display-area").count() != views:
+        assert time.monotonic() < deadline, f"the page shows {len(visible_views(page))} views, not {views}"
+        page.wait_for_timeout(100)
 
 
 def segment_sample(page) -> None:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from mimstudio_testing import SCREENSHOTS, descendants, load_sample, screenshot, segment_sample, wait_done
+from mimstudio_testing import SCREENSHOTS, descendants, download, load_sample, screenshot, segment_sample, wait_done
 
 
 def _colourful_pixels(png: bytes) -> int:
@@ -23,17 +23,14 @@ def _colourful_pixels(png: bytes) -> int:
     return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 40).sum())
 
 
-def _download(page, button: str):
-    with page.expect_download(timeout=60_000) as info:
-        page.click(button)
-    return info.value
-
-
-def test_load_sample_segment_and_download(page, studio, studio_data, tmp_path):
+def test_load_sample_segment_anddownload(page, studio, studio_data, tmp_path):
     assert page.locator("#volume-select").input_value() == "Sample: example_ct_sm.nii.gz (CT)"  # the first
     load_sample(page)
     assert page.inner_text("#volume-name") == "example_ct_sm"
-    before = _colourful_pixels(_download(page, "#download-png").path().read_bytes())
+    # the segment layout's four views, each once (a view created while the page was built used to be
+    # placed a second time below the layout, and its two copies fought over the view's size)
+    assert page.locator(".display-area").count() == 4
+    before = _colourful_pixels(download(page, "#download-png").path().read_bytes())
     assert before < 50, f"the CT alone should render grey, {before} coloured pixels"
     screenshot(page, "01_loaded")
 
@@ -55,20 +52,20 @@ def test_load_sample_segment_and_download(page, studio, studio_data, tmp_path):
             page.wait_for_timeout(250)
     screenshot(page, "02_segmented")
 
-    png = _download(page, "#download-png")
+    png = download(page, "#download-png")
     assert png.suggested_filename == "axial.png"
     coloured = _colourful_pixels(png.path().read_bytes())
     assert coloured > 500, f"the server-rendered axial view shows no coloured overlay ({coloured} pixels)"
-    surface = _download(page, "#download-3d-png").path().read_bytes()
+    surface = download(page, "#download-3d-png").path().read_bytes()
     assert _colourful_pixels(surface) > 500, "the server-rendered 3D view shows no segment surface"
     SCREENSHOTS.mkdir(exist_ok=True)
     (SCREENSHOTS / "02b_3d_view_server_side.png").write_bytes(surface)
 
-    seg = _download(page, "#download-seg")
+    seg = download(page, "#download-seg")
     assert seg.suggested_filename == "example_ct_sm.seg.nrrd"
     seg_path = tmp_path / seg.suggested_filename
     seg.save_as(seg_path)
-    nifti = _download(page, "#download-nifti")
+    nifti = download(page, "#download-nifti")
     nifti_path = tmp_path / nifti.suggested_filename
     nifti.save_as(nifti_path)
 

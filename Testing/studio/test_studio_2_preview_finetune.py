@@ -10,15 +10,21 @@ import json
 
 import numpy as np
 
-from mimstudio_testing import load_sample, screenshot, segment_sample, wait_done
+from mimstudio_testing import download, load_sample, screenshot, segment_sample, visible_views, wait_done, wait_layout
 
 
 def _view_pixels(page, index: int) -> np.ndarray:
     """The index-th visible view as the browser shows it (what the server streamed)."""
     from PIL import Image
 
-    areas = [a for a in page.locator(".display-area").all() if a.is_visible()]
-    return np.asarray(Image.open(io.BytesIO(areas[index].screenshot())).convert("L")).astype(float)
+    return np.asarray(Image.open(io.BytesIO(visible_views(page)[index].screenshot())).convert("L")).astype(float)
+
+
+def _label_voxels(downloaded, path, value: int) -> int:
+    import SimpleITK as sitk
+
+    downloaded.save_as(path)
+    return int((sitk.GetArrayFromImage(sitk.ReadImage(str(path))) == value).sum())
 
 
 def test_preview_shows_three_levels_in_three_views(page):
@@ -33,6 +39,7 @@ def test_preview_shows_three_levels_in_three_views(page):
     wait_done(page, "preview")
     assert "3 levels" in page.inner_text("#alert")
     page.wait_for_selector("#preview-caption", state="visible")
+    wait_layout(page, 3)
     page.click("#level-select", force=True)
     levels = page.locator(".v-overlay--active .v-list-item").all_inner_texts()
     page.keyboard.press("Escape")
@@ -42,18 +49,24 @@ def test_preview_shows_three_levels_in_three_views(page):
         pixels = _view_pixels(page, index)
         assert pixels.std() > 5, f"preview view {index} shows a flat image"
     screenshot(page, "03_preview")
-    page.click("#layout-segment")
 
 
-def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data):
-    segment_sample(page)  # a fresh result (painting one that was downloaded and exported first: see the note)
+def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data, tmp_path):
+    """Correct a segmentation that was already downloaded (its .seg.nrrd written from the live
+    node), starting from the preview's views: Paint brings back the CT's views."""
+    if not page.locator("#segment-list .segment-item").count():  # run alone
+        segment_sample(page)
+    download(page, "#download-seg")  # the .seg.nrrd is written from the live node
+    kidney_before = _label_voxels(download(page, "#download-nifti"), tmp_path / "before.nii.gz", 4)
     smallest = "document.querySelectorAll('#segment-list .segment-ml')[3]"  # kidney_right: least overlap
     before = float(page.locator("#segment-list .segment-ml").nth(3).inner_text().split()[0])
     page.click("#paint-segment", force=True)
     page.locator(".v-overlay--active .v-list-item").nth(3).click()
     page.click("#paint-btn")
     page.wait_for_selector("#stop-paint-btn", state="visible")
-    box = page.locator(".display-area").first.bounding_box()
+    wait_layout(page, 4)  # Paint switched to the segment views (axial, 3D, coronal, sagittal)
+    assert "v-btn--active" in page.locator("#layout-segment").get_attribute("class")
+    box = visible_views(page)[0].bounding_box()
     x, y = box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.4
     page.mouse.move(x, y)
     page.mouse.down()
@@ -65,6 +78,8 @@ def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data):
     screenshot(page, "04_paint")
     page.click("#stop-paint-btn")
     page.wait_for_function(f"parseFloat({smallest}.innerText) > {before}", timeout=15_000)
+    kidney_after = _label_voxels(download(page, "#download-nifti"), tmp_path / "after.nii.gz", 4)
+    assert kidney_after > kidney_before, "the downloaded label map does not hold the stroke"
 
     cases_text = "document.querySelector('#cases-text').innerText"
     page.click("#add-case-btn")

@@ -6,20 +6,23 @@
   time: the Slicer scene, its views and its jobs belong to that page, so a second
   user's jobs never show in the first user's page (a second page is refused while the
   first is open; each user runs their own server, see the README).
-* :func:`page_guard` refuses the page itself (HTTP 403, with a message saying what is
-  missing) when a token is required and the address lacks it: the websocket check above
-  is the lock, this is the sign on the door.
+* :func:`page_guard` refuses the page itself, with a page saying why: HTTP 403 when a
+  token is required and the address lacks it, 409 while another page holds the session
+  (that page retries by itself). The websocket check above is the lock, this is the
+  sign on the door.
 * :func:`confine` resolves a path a client sent and refuses anything outside the
   allowed folders (``..``, absolute paths elsewhere, symbolic links leading out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 from wslink.websocket import LinkProtocol
@@ -61,7 +64,7 @@ class AccessGuard(LinkProtocol):
 
     async def validateToken(self, token, client_id):  # noqa: N802 (wslink's name)
         expected = self.token if self.token is not None else PUBLIC_SECRET
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), expected.encode()):
+        if not isinstance(token, str) or not _same(token, expected):
             self._refuse("wrong or missing access token")
             return False
         if self.client_id is not None and self.client_id != client_id:
@@ -86,16 +89,51 @@ REFUSED_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>MiM St
 (it ends with <code>?secret=...</code>), or ask the person who started it.</p></body></html>"""
 
 
-def page_guard(token: str | None):
-    """aiohttp middleware: the page (``/``, ``/index.html``) only with ``?secret=<token>``."""
+BUSY_PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>MiM Studio: in use</title></head>
+<body style="font-family: sans-serif; background: #222; color: #eee; padding: 3em">
+<h2>MiM Studio is open in another page</h2>
+<p>One MiM Studio server serves one page at a time: its scene, views and jobs belong to that
+page. Close the other page (or tab) and this one connects by itself (it retries every 10
+seconds), or start your own server: <code>make studio</code> (or <code>python -m MiMStudio
+--port PORT</code>) and open the address it prints.</p></body></html>"""
+
+TOKEN_COOKIE = "mimstudio_token"  # this browser was let in: a reload (the address no longer has it) is too
+BUSY_WAIT_S = 3.0  # a reload closes the old page's connection just after it asks for the new page
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def page_guard(token: str | None, guard: AccessGuard | None = None):
+    """aiohttp middleware: the page (``/``, ``/index.html``) only with ``?secret=<token>`` (or, for
+    a reload, the token cookie the page got: redirected to the address with the token, which the
+    page removes again once connected), and only while no other page holds the session
+    (``guard``); else a page saying why (403 / 409)."""
 
     @web.middleware
-    async def guard(request, handler):
-        if token is not None and request.path in ("/", "/index.html"):
-            given = request.query.get("secret", "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
+    async def guard_page(request, handler):
+        if request.path in ("/", "/index.html"):
+            if token is not None and not _same(request.query.get("secret", ""), token):
+                if _same(request.cookies.get(TOKEN_COOKIE, ""), token):
+                    # a reload: the page removed the token from its address once it had connected,
+                    # and it connects with the token of its address
+                    raise web.HTTPFound(f"{request.path}?secret={quote(token, safe='')}")
                 print("MiM Studio: refused the page: wrong or missing access token", flush=True)
                 return web.Response(status=403, text=REFUSED_PAGE, content_type="text/html")
+            if guard is not None and guard.client_id is not None:
+                for _ in range(int(BUSY_WAIT_S / 0.1)):
+                    await asyncio.sleep(0.1)
+                    if guard.client_id is None:
+                        break
+                else:
+                    print("MiM Studio: refused the page: another page holds this MiM Studio session", flush=True)
+                    return web.Response(status=409, text=BUSY_PAGE, content_type="text/html")
+            response = await handler(request)
+            if token is not None:
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", path="/")
+            return response
         return await handler(request)
 
-    return guard
+    return guard_page

@@ -97,7 +97,7 @@ class StudioApp:
         self.catalog = Catalog(config.data_dirs, sample_dir, self.uploads.path)
         self.guard = AccessGuard(config.token)
         self.server.add_protocol_to_configure(lambda protocol: protocol.registerLinkProtocol(self.guard))
-        self.ctrl.on_server_bind.add(lambda web_server: web_server.app.middlewares.append(page_guard(config.token)))
+        self.ctrl.on_server_bind.add(lambda web_server: web_server.app.middlewares.append(page_guard(config.token, self.guard)))
 
         self.tasks: dict[str, object] = {}
         self.volume_node = None
@@ -124,6 +124,7 @@ class StudioApp:
             "models": [], "model_choice": None, "checkpoints": self.catalog.checkpoints(), "checkpoint_choice": None,
             "segments": [], "has_segmentation": False, "download_base": "segmentation", "layout": "segment",
             "preview_levels": [], "preview_level": None, "preview_center_text": "volume centre",
+            "preview_volumes": [], "preview_volume": None,
             "pick_center": False, "painting": False, "paint_segment": None,
             "ft_steps": 2, "ft_name": "", "ft_spacing": "", "ft_curves": {}, "ft_last": "",
             "ft_cases": [], "ft_cases_text": cases_text(0),
@@ -154,6 +155,8 @@ class StudioApp:
                      "add_case", "remove_case"):
             self.server.trigger(name)(self._guarded(getattr(self, name)))
         self.state.change("preview_level")(lambda preview_level, **_: self._show_preview_level(preview_level))
+        self.state.change("preview_volume")(
+            lambda preview_volume, **_: self._show_preview_volume(self.state.preview_level, preview_volume))
         self.state.change("layout")(lambda layout, **_: self.layout_manager.set_layout(layout))
 
     def _guarded(self, action):
@@ -217,6 +220,7 @@ class StudioApp:
             self.state[f"{kind}_status"], self.state[f"{kind}_progress"] = "", 0
         self.state.update({"volume_name": node.GetName(), "segments": [], "has_segmentation": False,
                            "download_base": node.GetName(), "preview_levels": [], "preview_level": None,
+                           "preview_volumes": [], "preview_volume": None,
                            "layout": "segment", "preview_center_text": "volume centre"})
         self.preview_center = None
         self.say(f"Loaded {node.GetName()} ({' x '.join(str(d) for d in node.GetImageData().GetDimensions())} "
@@ -415,14 +419,31 @@ class StudioApp:
         self.say(f"Preview: {len(levels)} levels reconstructed.", "success")
 
     def _show_preview_level(self, level) -> None:
+        """Show ``level``: its volume nearest the chosen centre, and the level's volumes to choose from
+        (level 1: 1, level 2: 4, level 3: 16)."""
         if not self.preview_result or level not in self.preview_result:
             return
-        self.layout_manager.set_layout("preview")
         entry = self.preview_result[level]
+        nearest = next(v["index"] for v in entry["volumes"] if v["input"] is entry["input"])
+        self.state.preview_volumes = [
+            {"title": f"L{level}.{v['index']:02d}" + (f" (loss {v['loss']:.3g})" if v.get("loss") is not None else "")
+             + (" - nearest the centre" if v["index"] == nearest else ""), "value": v["index"]}
+            for v in entry["volumes"]]
+        self.state.preview_volume = nearest
+        self._show_preview_volume(level, nearest)
+
+    def _show_preview_volume(self, level, index) -> None:
+        """Hidden input, reconstruction and original of volume ``index`` of ``level``, in the three views."""
+        if not self.preview_result or level not in self.preview_result:
+            return
+        item = next((v for v in self.preview_result[level]["volumes"] if v["index"] == index), None)
+        if item is None:
+            return
+        self.layout_manager.set_layout("preview")
         for role, tag, _color in views.PREVIEW_ROLES:
             view = self.slicer.view_manager.get_view(tag)
-            if view is not None and entry.get(role) is not None:
-                view.set_background_volume_id(entry[role].GetID())
+            if view is not None and item.get(role) is not None:
+                view.set_background_volume_id(item[role].GetID())
                 view.set_foreground_volume_id(None)
                 view.fit_view_to_content()
                 view.schedule_render()

@@ -98,6 +98,9 @@ def build_ui(app: StudioApp):
                 v3.VSelect(label="Level", v_model=("preview_level",), items=("preview_levels",), item_title="title",
                            item_value="value", density="compact", hide_details=True, id="level-select",
                            v_show=("preview_levels.length",), classes="mt-1")
+                v3.VSelect(label="Volume of the level", v_model=("preview_volume",), items=("preview_volumes",),
+                           item_title="title", item_value="value", density="compact", hide_details=True,
+                           id="volume-index-select", v_show=("preview_volumes.length > 1",), classes="mt-1")
 
                 html.Div("Fine-tune", classes="mim-section")
                 with html.Div(classes="d-flex align-center ga-2"):

@@ -106,8 +106,13 @@ class StudioServer:
                 self._ready.put(line.split("open ", 1)[1].strip())
         self._ready.put(None)
 
-    def log(self, contains: str) -> list[str]:
-        return [line for line in self.lines if contains in line]
+    def log(self, contains: str, wait_s: float = 5.0) -> list[str]:
+        """The server's output lines holding ``contains``, waiting up to ``wait_s`` for one
+        (the server prints before it answers, but its output is read in another thread)."""
+        deadline = time.monotonic() + wait_s
+        while not (found := [line for line in self.lines if contains in line]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
 
     def stop(self) -> None:
         self.process.terminate()
@@ -130,7 +135,6 @@ def studio(studio_data) -> StudioServer:
     server.token = token
     assert f"secret={token}" in server.url
     yield server
-    print("\n".join(server.log("DEBUG")))
     server.stop()
 
 

@@ -23,7 +23,7 @@ def _colourful_pixels(png: bytes) -> int:
     return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 40).sum())
 
 
-def test_load_sample_segment_anddownload(page, studio, studio_data, tmp_path):
+def test_load_sample_segment_and_download(page, studio, studio_data, tmp_path):
     assert page.locator("#volume-select").input_value() == "Sample: example_ct_sm.nii.gz (CT)"  # the first
     load_sample(page)
     assert page.inner_text("#volume-name") == "example_ct_sm"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 
@@ -49,6 +50,27 @@ def test_preview_shows_three_levels_in_three_views(page):
         pixels = _view_pixels(page, index)
         assert pixels.std() > 5, f"preview view {index} shows a flat image"
     screenshot(page, "03_preview")
+    assert not page.locator("#volume-index-select").is_visible()  # level 1 is one volume
+
+    # level 2: four volumes, the one nearest the centre shown first; another one changes the views
+    page.click("#level-select", force=True)
+    page.locator(".v-overlay--active .v-list-item", has_text="Level 2").click()
+    page.wait_for_selector("#volume-index-select", state="visible")
+    page.wait_for_timeout(1500)
+    shown = _view_pixels(page, 2)  # the original
+    page.click("#volume-index-select", force=True)
+    volumes = page.locator(".v-overlay--active .v-list-item").all_inner_texts()
+    assert [t.split(" ")[0] for t in volumes] == ["L2.00", "L2.01", "L2.02", "L2.03"], volumes
+    nearest = [i for i, t in enumerate(volumes) if "nearest the centre" in t]
+    assert len(nearest) == 1
+    other = (nearest[0] + 1) % 4
+    page.locator(".v-overlay--active .v-list-item").nth(other).click()
+    deadline = time.monotonic() + 15
+    while np.abs(_view_pixels(page, 2) - shown).mean() < 1.0:  # another region of the CT
+        assert time.monotonic() < deadline, "choosing another volume of the level did not change the views"
+        page.wait_for_timeout(250)
+    assert page.locator("#volume-index-select").input_value().startswith(f"L2.0{other}")
+    screenshot(page, "03b_preview_level2")
 
 
 def test_paint_then_finetune_two_steps_adds_the_model(page, studio_data, tmp_path):

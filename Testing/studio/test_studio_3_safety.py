@@ -15,6 +15,32 @@ def _open(browser, url: str):
     return context, page
 
 
+def _wslink_hello(base: str, secret: str) -> str:
+    """Open the page's websocket as a client would and say hello with ``secret``: the
+    ``clientID`` granted, or the server's error message."""
+    import asyncio
+
+    import aiohttp
+    import msgpack
+    from wslink.chunking import UnChunker, generate_chunks
+
+    async def hello():
+        async with aiohttp.ClientSession() as session, session.ws_connect(base.replace("http", "ws") + "ws") as ws:
+            message = {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}]}
+            for chunk in generate_chunks(msgpack.packb(message), 0):
+                await ws.send_bytes(chunk)
+            unchunker = UnChunker()
+            while True:
+                reply = unchunker.process_chunk((await ws.receive(timeout=10)).data)
+                if reply is not None and reply.get("id") == "system:c0:0":
+                    return reply.get("result", {}).get("clientID") or reply["error"]["message"]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's event loop
+        return pool.submit(asyncio.run, hello()).result(timeout=30)
+
+
 def test_wrong_or_missing_token_is_refused(browser, studio, page):
     for url in (studio.base + "?secret=not-the-token", studio.base):
         context, other = _open(browser, url)
@@ -32,12 +58,22 @@ def test_a_second_page_does_not_get_the_first_pages_session(browser, studio, pag
     scene would be the first user's)."""
     context, other = _open(browser, studio.url)
     try:
-        other.wait_for_timeout(3000)
+        assert "MiM Studio is open in another page" in other.inner_text("body")  # says why, and what to do
+        assert "make studio" in other.inner_text("body")
         assert other.locator("#load-btn").count() == 0
+        screenshot(other, "06b_second_page_refused")
     finally:
         context.close()
+    # past the sign: a client speaking wslink itself (its own framing) gets no session either
+    assert _wslink_hello(studio.base, studio.token) == "Authentication failed"
+    assert studio.log("refused the page: another page holds this MiM Studio session")
     assert studio.log("refused a connection: another page holds this MiM Studio session")
     page.wait_for_selector("#load-btn")  # the first page still works
+    # a reload of it is the same page, not a second one; its address lost the token once it connected
+    assert "secret=" not in page.url
+    page.reload()
+    page.wait_for_selector("#load-btn", timeout=30_000)
+    assert "secret=" not in page.url  # the page took the token out of its address again
 
 
 def test_paths_outside_the_shared_folders_are_refused(page, studio_data):

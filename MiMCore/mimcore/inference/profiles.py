@@ -5,9 +5,7 @@ profile        what changes against the bundle's own settings
 =============  =====================================================================
 ``reference``  nothing: fp32 on the CPU, bf16/fp16 autocast on CUDA, every window.
 ``fast``       bf16 autocast on the CPU where it has native bf16 (AVX-512 BF16 / AMX;
-               oneDNN says so) except for the network's last steps (``fp32_tail``: the
-               full-resolution decoder stage and the head of ``MiMSegNet`` stay in fp32),
-               channels-last (``channels_last_3d``) weights and windows
+               oneDNN says so), channels-last (``channels_last_3d``) weights and windows
                so that oneDNN's convolutions skip their layout copies, and windows that
                hold only air (body mask found at low resolution,
                :mod:`mimcore.inference.body_region`) not computed: background; slabs of
@@ -35,7 +33,6 @@ import torch
 from mimcore.errors import MimError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FAST_FP32_TAIL = 2
 
 
 @dataclass(frozen=True)
@@ -47,15 +44,11 @@ class Profile:
     channels_last: bool  #: channels_last_3d weights and windows
     skip_air: bool  #: windows without body voxels are not computed (background)
     slab_budget_bytes: int | None = None  #: probability buffer of one slab (None: the caller's, 1 GiB)
-    #: under autocast, the network's last steps kept in fp32 (``MiMSegNet.fp32_tail``: 0 none,
-    #: 1 the head, 2 the full-resolution decoder stage and the head, ...)
-    fp32_tail: int = 0
 
 
 PROFILES = {
     "reference": Profile("reference", cpu_bf16=False, channels_last=False, skip_air=False),
-    "fast": Profile("fast", cpu_bf16=True, channels_last=True, skip_air=True, slab_budget_bytes=2 << 30,
-                    fp32_tail=FAST_FP32_TAIL),
+    "fast": Profile("fast", cpu_bf16=True, channels_last=True, skip_air=True, slab_budget_bytes=2 << 30),
 }
 
 

@@ -95,8 +95,6 @@ class Segmenter:
         cpu_amp = autocast_dtype(torch.device("cpu"), precision, self.profile)
         if self.profile.channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
-        if hasattr(self.net, "fp32_tail"):  # MiMSegNet: its last steps in fp32 under autocast
-            self.net.fp32_tail = self.profile.fp32_tail
         self.n_classes = segnet.out_channels(self.net)
         self.timer = timer or (lambda stage: contextlib.nullcontext())
         self.window = WindowSegmenter(self.net, segnet.input_size(self.net), self.device, float(settings["overlap"]),

@@ -26,8 +26,6 @@ go through a sliding window of that size.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
@@ -127,41 +125,12 @@ class MiMSegNet(nn.Module):
         feats = self.encoder.pyramid(x, checkpoint_blocks=self.checkpointing and self.training)
         feats.append(self.stage5(feats[-1]))
         f1, f2, f3, f4, f5 = (t.permute(0, 4, 1, 2, 3) for t in feats)  # channels-first
-        d = self.bottleneck(f5)
-        stages = ((self.dec5, self.enc4, f4), (self.dec4, self.enc3, f3), (self.dec3, self.enc2, f2),
-                  (self.dec2, self.enc1, f1), (self.dec1, self.enc0, x))
-        for from_end, (dec, enc, skip) in zip(range(len(stages), 0, -1), stages):
-            with self._full_precision(from_end, x.device.type) as cast:
-                d = dec(cast(d), enc(cast(skip)))
-        with self._full_precision(0, x.device.type) as cast:
-            return self.head(cast(d))
-
-    #: How many of the last steps run in fp32 even under autocast (0: none; 1: the head;
-    #: 2: ``dec1``/``enc0`` (full resolution) and the head; ... up to 6). Inference sets it
-    #: (``mim segment --fast``, :mod:`mimcore.inference.profiles`): bf16's rounding there moves
-    #: the logits that decide near-tied voxels, while the encoder holds most of the FLOPs.
-    fp32_tail: int = 0
-
-    def _full_precision(self, from_end: int, device: str):
-        """Context for the step ``from_end`` places before the logits (0: the head): autocast off
-        and inputs cast to fp32 if the step is in :attr:`fp32_tail` and autocast is on; else nothing."""
-        if from_end >= self.fp32_tail or not torch.is_autocast_enabled(device):
-            return contextlib.nullcontext(lambda t: t)
-        return _Fp32(device)
-
-
-class _Fp32(contextlib.AbstractContextManager):
-    """Autocast off; the value is a function casting a tensor to fp32."""
-
-    def __init__(self, device: str):
-        self.off = torch.autocast(device, enabled=False)
-
-    def __enter__(self):
-        self.off.__enter__()
-        return lambda t: t.float()
-
-    def __exit__(self, *exc):
-        return self.off.__exit__(*exc)
+        d = self.dec5(self.bottleneck(f5), self.enc4(f4))
+        d = self.dec4(d, self.enc3(f3))
+        d = self.dec3(d, self.enc2(f2))
+        d = self.dec2(d, self.enc1(f1))
+        d = self.dec1(d, self.enc0(x))
+        return self.head(d)
 
 
 def architecture_dict(model: MiMSegNet, preset: str | None) -> dict:

@@ -50,7 +50,8 @@ EVENTS: dict[str, EventKind] = {e.name: e for e in (
     EventKind("note", ("message", "lr_rule?"), "information worth showing (how the lr was chosen, the "
               "initialisation, early stopping, ...)"),
     EventKind("resume", ("path", "step"), "training continues from this checkpoint"),
-    EventKind("warning", ("message",), "segment: something was worked around (e.g. GPU out of memory)"),
+    EventKind("warning", ("message",), "segment, reconstruct: something was worked around or looks wrong (GPU out of "
+              "memory, a failed input of a batch, non-HU input, a model that has not learned yet)"),
     EventKind("case", ("input", "outputs", "seconds", "labels_present"), "segment: one input volume is done"),
     EventKind("done", ("...",), "the command succeeded; the summary: training step, total, metrics, "
               "weights_sha256, rank (every DDP rank sends one), checkpoint ...; segment/reconstruct "

@@ -29,8 +29,9 @@ from mimcore.files import atomic_dir, atomic_write, atomic_write_text, clean_orp
 PREP = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "hu_min": -175.0, "hu_max": 250.0}
 
 
-def tiny_bundle_at(folder: Path) -> Path:
-    """The tiny 2-label model bundle the segmentation tests use (random weights)."""
+def tiny_bundle_at(folder: Path, overlap: float = 0.25, name: str = "tiny-test") -> Path:
+    """The tiny 2-label (liver, spleen) model bundle the segmentation tests use: 32^3 windows,
+    random weights (seed 0), :data:`PREP` preprocessing, ``overlap`` as its inference default."""
     from mimcore.bundles.bundle import save_bundle
     from mimcore.data.labels import labels_from_names
     from mimcore.models.convvit import preset as convvit_preset
@@ -39,9 +40,9 @@ def tiny_bundle_at(folder: Path) -> Path:
     torch.manual_seed(0)
     net = MiMSegNet(convvit_preset("tiny"), 3)
     labels = labels_from_names({1: "liver", 2: "spleen"})
-    desc = {"name": "tiny-test", "architecture": architecture_dict(net, "tiny"),
+    desc = {"name": name, "architecture": architecture_dict(net, "tiny"),
             "labels": [lab.to_dict() for lab in labels], "preprocessing": PREP,
-            "inference": {"overlap": 0.25, "sw_batch_size": 2}, "training": {}}
+            "inference": {"overlap": overlap, "sw_batch_size": 2}, "training": {}}
     return save_bundle(folder / "tiny", net.state_dict(), desc)
 
 

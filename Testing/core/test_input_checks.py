@@ -106,6 +106,9 @@ def test_non_ct_intensities_are_warned_about(tmp_path, bundle, capsys):
     assert code == 0
     assert "mim segment: " in out and "10..180 do not look like CT in Hounsfield units" in out
     assert "8-bit image" in out and "trained on CT, windowed to -175.0..250.0 HU" in out
+    code = segment(src, "--model", bundle, "--output", tmp_path / "t1_quiet.nii.gz", "--progress", "none")
+    captured = capsys.readouterr()  # no progress asked for, but the warning still reaches the user
+    assert code == 0 and captured.out == "" and "do not look like CT in Hounsfield units" in captured.err
     ct = ct_volume(tmp_path / "ct.nii.gz")
     code = segment(ct, "--model", bundle, "--output", tmp_path / "ct_seg.nii.gz", "--progress", "bar")
     assert code == 0 and "Hounsfield" not in capsys.readouterr().out

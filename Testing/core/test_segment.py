@@ -11,16 +11,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from mimcore.bundles.bundle import load_bundle, save_bundle
-from mimcore.data.labels import labels_from_names
+from test_atomic_outputs import PREP, tiny_bundle_at
+
+from mimcore.bundles.bundle import load_bundle
 from mimcore.data.regrid import labels_to_grid
 from mimcore.data.volume_io import Volume, load_volume, save_volume
 from mimcore.inference.segment import Segmenter, preprocess
 from mimcore.inference.window import WindowSegmenter
-from mimcore.models.convvit import preset as convvit_preset
-from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 
-PREP = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "hu_min": -175.0, "hu_max": 250.0}
 
 
 def oblique_volume(shape=(40, 36, 30), spacing=(1.2, 0.9, 2.5)) -> Volume:
@@ -81,13 +79,7 @@ def test_slab_budget_for_a_large_ct():
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    torch.manual_seed(0)
-    net = MiMSegNet(convvit_preset("tiny"), 3)
-    labels = labels_from_names({1: "liver", 2: "spleen"})
-    desc = {"name": "tiny-test", "architecture": architecture_dict(net, "tiny"),
-            "labels": [lab.to_dict() for lab in labels], "preprocessing": PREP,
-            "inference": {"overlap": 0.25, "sw_batch_size": 2}, "training": {}}
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny", net.state_dict(), desc)
+    return tiny_bundle_at(tmp_path_factory.mktemp("bundle"))
 
 
 def test_segmenter_output_grid_and_tta(tiny_bundle):

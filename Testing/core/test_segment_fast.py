@@ -10,18 +10,16 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
-from mimcore.bundles.bundle import load_bundle, save_bundle
-from mimcore.data.labels import labels_from_names
+from test_atomic_outputs import PREP, tiny_bundle_at
+
+from mimcore.bundles.bundle import load_bundle
 from mimcore.data.regrid import labels_to_grid
 from mimcore.data.volume_io import Volume, save_volume
 from mimcore.inference.body_region import body_mask, threshold_value
 from mimcore.inference.profiles import PROFILES, autocast_dtype, cpu_has_bf16
 from mimcore.inference.segment import Segmenter, preprocess
-from mimcore.models.convvit import preset as convvit_preset
-from mimcore.models.mim_segnet import MiMSegNet, architecture_dict
 
 DICE_BF16_RANDOM = 0.9
-PREP = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "hu_min": -175.0, "hu_max": 250.0}
 
 
 def body_ct(shape=(80, 72, 24), spacing=(2.0, 2.2, 2.5), centre=(0.3, 0.35), seed=0) -> Volume:
@@ -43,14 +41,8 @@ def body_ct(shape=(80, 72, 24), spacing=(2.0, 2.2, 2.5), centre=(0.3, 0.35), see
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    """A ``tiny`` MiMSegNet (32^3 windows), random weights, three classes."""
-    torch.manual_seed(0)
-    net = MiMSegNet(convvit_preset("tiny"), 3)
-    labels = labels_from_names({1: "liver", 2: "spleen"})
-    desc = {"name": "tiny-fast", "architecture": architecture_dict(net, "tiny"),
-            "labels": [lab.to_dict() for lab in labels], "preprocessing": PREP,
-            "inference": {"overlap": 0.5, "sw_batch_size": 2}, "training": {}}
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny", net.state_dict(), desc)
+    """A ``tiny`` MiMSegNet (32^3 windows), random weights, three classes, overlap 0.5."""
+    return tiny_bundle_at(tmp_path_factory.mktemp("bundle"), overlap=0.5, name="tiny-fast")
 
 
 def test_precision_per_profile():

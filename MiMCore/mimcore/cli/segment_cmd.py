@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def run(ns: argparse.Namespace) -> int:
     def event(name, **fields):
         if json_mode:
             events.emit(name, **fields)
-        elif ns.progress == "bar" and name == "warning":
-            print(f"mim segment: {fields.get('message')}", flush=True)
+        elif name == "warning":  # also with --progress none (on stderr there): labels may be wrong
+            print(f"mim segment: {fields.get('message')}", flush=True,
+                  file=sys.stderr if ns.progress == "none" else sys.stdout)
 
     state = {"done": 0, "report": None}
 

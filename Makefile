@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python MiMCore/pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e "MiMCore[test]"
+	$(BIN)/python -m pip install --quiet -e "MiMCore[test,fast]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,6 +5,20 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """Networks converted for OpenVINO (``mim segment --fast``) go to a temporary cache, not the
+    user's (also for the subprocesses the tests start)."""
+    folder = tmp_path_factory.mktemp("openvino_cache")
+    old = os.environ.get("MIM_OPENVINO_CACHE")
+    os.environ["MIM_OPENVINO_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("MIM_OPENVINO_CACHE", None)
+    else:
+        os.environ["MIM_OPENVINO_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def sample_datalist(tmp_path_factory):
     """Path of the sample ``datalist.json``, fetched once per session (real pip download).

@@ -40,7 +40,8 @@ EVENTS: dict[str, EventKind] = {e.name: e for e in (
     EventKind("start", ("v", "stage", "step?", "total?", "message?", "device?", "..."),
               "once, when the work begins (after loading); step > 0 on a resumed run. The command's "
               "own fields: pretrain lr, effective_batch, method, backbone, crop_size; finetune labels, "
-              "cases, validation_cases, architecture; segment cases, model"),
+              "cases, validation_cases, architecture; segment cases, model, device, runtime (torch or "
+              "openvino)"),
     EventKind("progress", ("stage", "step", "total", "eta_s", "metrics"),
               "after a step (pretrain: every --log-every steps and the last), a level (reconstruct) or "
               "sliding-window batches (segment); eta_s is null until it can be estimated"),

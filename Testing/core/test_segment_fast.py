@@ -98,23 +98,32 @@ def reference(tiny_bundle):
     return {"calls": sum(calls), "labels": labels, "affine": affine}
 
 
-def test_air_windows_are_not_computed_and_the_body_is_unchanged(tiny_bundle, reference):
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_air_windows_are_not_computed_and_the_body_is_unchanged(tiny_bundle, reference, runtime):
     """fp32 fast path against the reference path: the network runs exactly on the windows that
-    hold a body voxel, and inside the body mask the labels are identical."""
+    hold a body voxel, and inside the body mask the labels are identical (PyTorch), or differ
+    on at most 1 voxel in 10^4 (OpenVINO's fp32 sums in another order)."""
     vol = body_ct()
     fast_calls = []
     fast = Segmenter(load_bundle(tiny_bundle), device="cpu", precision="fp32", profile="fast",
-                     forward=counting(fast_calls))
+                     forward=counting(fast_calls), runtime=runtime)
+    assert fast.runtime == runtime
     mask = fast.body_region(preprocess(vol, PREP).as_tensor())
     b, _ = fast.segment_model_space(vol)
     assert sum(fast_calls) == windows_touching(mask, fast) < 0.7 * reference["calls"]
-    np.testing.assert_array_equal(reference["labels"][mask.numpy()], b[mask.numpy()])
+    a, b = reference["labels"][mask.numpy()], b[mask.numpy()]
+    if runtime == "torch":
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert (a != b).mean() <= 1e-4, (a != b).sum()
 
 
-def test_fast_bf16_agrees_with_the_reference_on_the_input_grid(tiny_bundle, reference):
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_fast_bf16_agrees_with_the_reference_on_the_input_grid(tiny_bundle, reference, runtime):
     vol = body_ct()
     a = labels_to_grid(reference["labels"], reference["affine"], vol)
-    b = Segmenter(load_bundle(tiny_bundle), device="cpu", precision="bf16", profile="fast").segment(vol)
+    b = Segmenter(load_bundle(tiny_bundle), device="cpu", precision="bf16", profile="fast",
+                  runtime=runtime).segment(vol)
     assert a.shape == b.shape == vol.shape and a.dtype == b.dtype == np.uint8
     body = vol.array > -500
     for c in (1, 2):  # random weights: logits near ties; trained models agree better (the benchmark)

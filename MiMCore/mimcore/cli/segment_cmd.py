@@ -36,10 +36,15 @@ def add_parser(sub) -> None:
                    help="auto = bf16/fp16 autocast on CUDA; on the CPU fp32, or bf16 with --fast where the CPU "
                         "has native bf16 (AVX-512 BF16/AMX); bf16 = bf16 autocast on any device")
     p.add_argument("--fast", action="store_true",
-                   help="the fast profile: bf16 autocast on CPUs with native bf16, channels-last, and the network "
+                   help="the fast profile: on the CPU the network runs in OpenVINO where it is installed "
+                        "(pip install \"mimcore[fast]\"), else in PyTorch with channels-last; bf16 on CPUs with "
+                        "native bf16; and the network "
                         "run only on windows that hold part of the body (found at low resolution; windows of "
                         "air give background). Inside the body the windows are the default path's; "
                         "Testing/benchmarks/bench_segment.py prints the Dice of fast against the default")
+    p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
+                   help="what runs the network: auto = OpenVINO with --fast on the CPU where it is installed, "
+                        "else PyTorch; openvino = OpenVINO or an error (CPU only)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -82,12 +87,18 @@ def run(ns: argparse.Namespace) -> int:
     bundle = get_model(ns.model)
     json_mode = ns.progress == "json"
 
+    early: list[tuple[str, dict]] | None = []  # sent while the network is prepared: after "start"
+
     def event(name, **fields):
-        if json_mode:
+        if early is not None and name != "start":
+            early.append((name, fields))
+        elif json_mode:
             events.emit(name, **fields)
         elif name == "warning":  # also with --progress none (on stderr there): labels may be wrong
             print(f"mim segment: {fields.get('message')}", flush=True,
                   file=sys.stderr if ns.progress == "none" else sys.stdout)
+        elif name == "note" and ns.progress == "bar":
+            print(f"mim segment: {fields.get('message')}", flush=True)
 
     state = {"done": 0, "report": None}
 
@@ -97,9 +108,12 @@ def run(ns: argparse.Namespace) -> int:
             state["report"].update(state["done"], {})
 
     seg = Segmenter(bundle, ns.device, ns.overlap, ns.sw_batch, ns.tta, ns.keep_largest, ns.precision,
-                    events=event, windows=windows, profile="fast" if ns.fast else "reference")
+                    events=event, windows=windows, profile="fast" if ns.fast else "reference", runtime=ns.runtime)
     segments = [Label.from_dict(lab) for lab in bundle.labels]
-    event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device))
+    event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device), runtime=seg.runtime)
+    for name, fields in early:
+        event(name, **fields)
+    early = None
     written, failed = [], []
     for i, (src, dst) in enumerate(zip(inputs, outputs)):
         try:

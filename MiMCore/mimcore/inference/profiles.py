@@ -4,8 +4,10 @@
 profile        what changes against the bundle's own settings
 =============  =====================================================================
 ``reference``  nothing: fp32 on the CPU, bf16/fp16 autocast on CUDA, every window.
-``fast``       bf16 autocast on the CPU where it has native bf16 (AVX-512 BF16 / AMX;
-               oneDNN says so), channels-last (``channels_last_3d``) weights and windows
+``fast``       on the CPU the network runs in OpenVINO where it is installed
+               (``mimcore[fast]``; :mod:`mimcore.inference.openvino_net`), else in PyTorch;
+               bf16 where the CPU has native bf16 (AVX-512 BF16 / AMX; oneDNN says so),
+               channels-last (``channels_last_3d``) weights and windows
                so that oneDNN's convolutions skip their layout copies, and windows that
                hold only air (body mask found at low resolution,
                :mod:`mimcore.inference.body_region`) not computed: background; slabs of
@@ -33,6 +35,7 @@ import torch
 from mimcore.errors import MimError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("auto", "torch", "openvino")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,13 @@ class Profile:
     channels_last: bool  #: channels_last_3d weights and windows
     skip_air: bool  #: windows without body voxels are not computed (background)
     slab_budget_bytes: int | None = None  #: probability buffer of one slab (None: the caller's, 1 GiB)
+    cpu_runtime: str = "torch"  #: ``--runtime auto`` on the CPU: ``torch`` or ``openvino`` (where installed)
 
 
 PROFILES = {
     "reference": Profile("reference", cpu_bf16=False, channels_last=False, skip_air=False),
-    "fast": Profile("fast", cpu_bf16=True, channels_last=True, skip_air=True, slab_budget_bytes=2 << 30),
+    "fast": Profile("fast", cpu_bf16=True, channels_last=True, skip_air=True, slab_budget_bytes=2 << 30,
+                    cpu_runtime="openvino"),
 }
 
 
@@ -85,3 +90,19 @@ def autocast_dtype(device: torch.device, precision: str, profile: Profile) -> to
     if device.type == "cpu" and profile.cpu_bf16 and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def choose_runtime(runtime: str, device: torch.device, profile: Profile) -> str:
+    """Which runtime runs the network: ``torch`` or ``openvino`` (CPU only).
+
+    ``runtime``: ``auto`` (the profile's choice on the CPU, PyTorch elsewhere), ``torch``, or
+    ``openvino`` (an error off the CPU). Whether OpenVINO is installed is checked when the
+    network is compiled (:func:`mimcore.inference.openvino_net.compile_openvino`)."""
+    if runtime not in RUNTIMES:
+        raise MimError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "openvino" and device.type != "cpu":
+        raise MimError(f"--runtime openvino runs on the CPU only; this run is on {device} "
+                       "(use --device cpu, or --runtime torch)")
+    if runtime == "auto":
+        return profile.cpu_runtime if device.type == "cpu" else "torch"
+    return runtime

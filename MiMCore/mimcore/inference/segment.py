@@ -30,7 +30,8 @@ from mimcore.data.volume_io import Volume
 from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.body_region import body_mask, threshold_value
-from mimcore.inference.profiles import autocast_dtype, get_profile
+from mimcore.inference.openvino_net import OpenVINOUnavailable, compile_openvino
+from mimcore.inference.profiles import autocast_dtype, choose_runtime, get_profile
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models import segnet
 
@@ -64,13 +65,16 @@ class Segmenter:
 
     ``precision``: ``auto``, ``fp32`` or ``bf16`` (:func:`~mimcore.inference.profiles.autocast_dtype`);
     ``profile``: ``reference`` (default) or ``fast`` (:data:`~mimcore.inference.profiles.PROFILES`);
-    ``slab_budget_bytes``: the probability buffer of one slab (default: the profile's, else 1 GiB).
+    ``slab_budget_bytes``: the probability buffer of one slab (default: the profile's, else 1 GiB);
+    ``runtime``: ``auto``, ``torch`` or ``openvino`` (:func:`~mimcore.inference.profiles.choose_runtime`);
+    with ``auto`` a network OpenVINO cannot take runs in PyTorch and a ``note`` event says why.
+    ``self.runtime`` is the runtime chosen.
     """
 
     def __init__(self, bundle, device: str = "auto", overlap: float | None = None, sw_batch: int | None = None,
                  tta: bool | None = None, keep_largest: bool | None = None, precision: str = "auto",
                  events=None, windows=None, slab_budget_bytes: int | None = None, *, timer=None, on_slab=None,
-                 forward=None, profile="reference"):
+                 forward=None, profile="reference", runtime="auto"):
         desc = bundle.description
         self.profile = get_profile(profile)
         settings = dict(INFERENCE_DEFAULTS, **desc.get("inference", {}))
@@ -93,16 +97,28 @@ class Segmenter:
         self.net.eval().to(self.device)
         amp = autocast_dtype(self.device, precision, self.profile)
         cpu_amp = autocast_dtype(torch.device("cpu"), precision, self.profile)
-        if self.profile.channels_last:
-            self.net.to(memory_format=torch.channels_last_3d)
         self.n_classes = segnet.out_channels(self.net)
+        roi = segnet.input_size(self.net)
+        self.runtime = choose_runtime(runtime, self.device, self.profile)
+        window_net = self.net
+        if self.runtime == "openvino":
+            try:
+                window_net = compile_openvino(self.net, roi, cpu_amp, desc["weights"]["sha256"], desc["architecture"])
+            except OpenVINOUnavailable as err:
+                if runtime == "openvino":
+                    raise MimError(f"--runtime openvino: {err}") from None
+                self.runtime = "torch"
+                (events or (lambda *a, **k: None))("note", message=f"{err}: the network runs in PyTorch")
+        channels_last = self.profile.channels_last and self.runtime == "torch"
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last_3d)
         self.timer = timer or (lambda stage: contextlib.nullcontext())
-        self.window = WindowSegmenter(self.net, segnet.input_size(self.net), self.device, float(settings["overlap"]),
+        self.window = WindowSegmenter(window_net, roi, self.device, float(settings["overlap"]),
                                       int(settings["sw_batch_size"]), bool(settings["tta_flips"]), amp,
                                       slab_budget_bytes or self.profile.slab_budget_bytes or 1 << 30,
                                       on_event=events, on_windows=windows, on_slab=on_slab, forward=forward,
                                       cpu_amp_dtype=cpu_amp,
-                                      channels_last=self.profile.channels_last)
+                                      channels_last=channels_last)
 
     def model_space_shape(self, vol: Volume) -> tuple[int, int, int]:
         """The (X', Y', Z') shape preprocessing gives ``vol``, exactly (MONAI's lazy transforms

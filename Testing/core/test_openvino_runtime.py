@@ -1,0 +1,148 @@
+"""The fast profile's OpenVINO runtime (mimcore.inference.openvino_net), with the real OpenVINO:
+its logits against PyTorch's, any window batch, the conversion cache, the choice of runtime,
+the fallback to PyTorch when OpenVINO is missing, and ``mim segment --fast`` end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from test_atomic_outputs import tiny_bundle_at
+from test_segment_fast import body_ct
+
+from mimcore.bundles.bundle import load_bundle
+from mimcore.data.volume_io import save_volume
+from mimcore.errors import MimError
+from mimcore.inference.openvino_net import OpenVINONet, OpenVINOUnavailable, cache_dir, compile_openvino
+from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16
+from mimcore.inference.segment import Segmenter
+from mimcore.models import segnet
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_bundle_at(tmp_path_factory.mktemp("ov_bundle"), overlap=0.5, name="tiny-ov")
+
+
+def compile_bundle(path, amp=None):
+    bundle = load_bundle(path)
+    net = segnet.build(bundle.description["architecture"])
+    net.load_state_dict(bundle.state_dict())
+    net.eval()
+    ov = compile_openvino(net, segnet.input_size(net), amp, bundle.description["weights"]["sha256"],
+                          bundle.description["architecture"], threads=1)
+    return net, ov
+
+
+def windows(n, roi=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 1, roi, roi, roi), generator=g)
+
+
+def test_fp32_logits_equal_pytorch_for_any_window_batch(tiny):
+    net, ov = compile_bundle(tiny)
+    assert isinstance(ov, OpenVINONet) and ov.precision == "fp32"
+    for n in (1, 2, 3):  # the batch size is not fixed at conversion: skipped air windows change it
+        x = windows(n, seed=n)
+        with torch.no_grad():
+            ref = net(x)
+        out = ov(x)
+        assert out.shape == ref.shape == (n, 3, 32, 32, 32) and out.dtype == torch.float32
+        assert float((out - ref).abs().max()) <= 1e-4 * float(ref.std()), n
+    # a channels-last input (what the PyTorch fast path hands its network) gives the same logits
+    x = windows(2)
+    np.testing.assert_allclose(ov(x.contiguous(memory_format=torch.channels_last_3d)).numpy(), ov(x).numpy())
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_bf16_logits_are_close_to_fp32(tiny):
+    net, ov = compile_bundle(tiny, torch.bfloat16)
+    assert ov.precision == "bf16"
+    x = windows(2)
+    with torch.no_grad():
+        ref = net(x)
+    err = float((ov(x) - ref).abs().max()) / float(ref.std())
+    assert 0 < err < 0.3  # rounded (not fp32), but the same network
+
+
+def test_the_conversion_is_cached_and_a_damaged_cache_is_rebuilt(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIM_OPENVINO_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache"
+    net, ov = compile_bundle(tiny)
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"net.xml", "net.bin"}
+    assert (folders[0] / "net.bin").stat().st_size > 4 * sum(p.numel() for p in net.parameters()) * 0.9  # fp32
+    x = windows(2)
+    expected = ov(x)
+    (folders[0] / "net.xml").write_text("<not a model")  # damaged: converted again, not an error
+    _, ov2 = compile_bundle(tiny)
+    np.testing.assert_allclose(ov2(x).numpy(), expected.numpy())
+    assert (folders[0] / "net.xml").read_text().startswith("<?xml")
+    # other weights: another entry, never the first model's network
+    state = {k: v + 0.01 for k, v in load_bundle(tiny).state_dict().items()}
+    from mimcore.bundles.bundle import save_bundle
+
+    moved = save_bundle(tmp_path / "moved", state, load_bundle(tiny).description)
+    net3, ov3 = compile_bundle(moved)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    with torch.no_grad():
+        assert float((ov3(x) - net3(x)).abs().max()) <= 1e-4 * float(net3(x).std())
+
+
+def test_which_runtime_runs_the_network():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_runtime("auto", cpu, PROFILES["fast"]) == "openvino"
+    assert choose_runtime("auto", cpu, PROFILES["reference"]) == "torch"  # the reference path stays PyTorch
+    assert choose_runtime("auto", cuda, PROFILES["fast"]) == "torch"  # a GPU runs PyTorch
+    assert choose_runtime("torch", cpu, PROFILES["fast"]) == "torch"
+    assert choose_runtime("openvino", cpu, PROFILES["reference"]) == "openvino"
+    with pytest.raises(MimError, match="CPU only.*--device cpu"):
+        choose_runtime("openvino", cuda, PROFILES["fast"])
+    with pytest.raises(MimError, match="--runtime must be one of"):
+        choose_runtime("onnx", cpu, PROFILES["fast"])
+
+
+def test_without_openvino_fast_runs_in_pytorch_and_says_so(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed: import fails
+    notes = []
+    seg = Segmenter(load_bundle(tiny), device="cpu", profile="fast",
+                    events=lambda ev, **f: notes.append((ev, f.get("message"))))
+    assert seg.runtime == "torch"
+    assert len(notes) == 1 and notes[0][0] == "note"
+    assert "OpenVINO is not installed" in notes[0][1] and 'mimcore[fast]' in notes[0][1] and "PyTorch" in notes[0][1]
+    labels = seg.segment(body_ct(shape=(40, 36, 12)))
+    assert labels.shape == (40, 36, 12)
+    with pytest.raises(MimError, match="--runtime openvino: OpenVINO is not installed"):
+        Segmenter(load_bundle(tiny), device="cpu", profile="fast", runtime="openvino")
+    with pytest.raises(OpenVINOUnavailable, match="not installed"):
+        compile_bundle(tiny)
+
+
+def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
+    """``mim segment --fast --progress json`` as the Slicer module runs it: the start event names
+    the runtime, the labels lie on the input's grid, and agree with ``--runtime torch``."""
+    from mimcore.cli.main import main
+
+    vol = body_ct(shape=(60, 50, 20))
+    src = save_volume(tmp_path / "ct.nrrd", vol.array, vol.affine)
+    outs = {}
+    for runtime in ("auto", "torch"):
+        out = tmp_path / f"labels_{runtime}.nii.gz"
+        assert main(["segment", str(src), "--model", str(tiny), "--output", str(out), "--fast", "--precision",
+                     "fp32", "--runtime", runtime, "--progress", "json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        start = next(ev for ev in lines if ev["event"] == "start")
+        assert start["runtime"] == ("openvino" if runtime == "auto" else "torch")
+        assert lines[0]["event"] == "start"  # nothing before it
+        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out))
+        assert a.GetSize() == b.GetSize() and a.GetDirection() == b.GetDirection()
+        assert np.allclose(a.GetSpacing(), b.GetSpacing()) and np.allclose(a.GetOrigin(), b.GetOrigin())
+        outs[runtime] = sitk.GetArrayFromImage(b)
+    assert (outs["auto"] != outs["torch"]).mean() <= 1e-4
+    with pytest.raises(SystemExit):
+        main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "x.nii.gz"), "--runtime", "onnx"])

@@ -130,7 +130,8 @@ DEFAULT_MODELS = ["small", "small-fast", "base-fast", "swin", "nnunet"]
 def spawn(spec: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", spec, "--device", args.device,
            "--overlap", repr(args.overlap), "--sw-batch", str(args.sw_batch), "--precision", args.precision,
-           "--max-minutes", repr(args.max_minutes), "--memory-only-batches", str(args.memory_only_batches),
+           "--runtime", args.runtime, "--max-minutes", repr(args.max_minutes),
+           "--memory-only-batches", str(args.memory_only_batches),
            "--seed", str(args.seed), "--spacing", *map(repr, args.spacing), "--_labels-dir", args.labels_dir]
     if args.quick:
         cmd.append("--quick")
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="auto: what `mim segment` does -- bf16 autocast on CUDA, fp32 on the CPU, bf16 on the CPU "
                          "for -fast models where the CPU has native bf16; fp32: no autocast; bf16: everywhere.")
+    ap.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
+                    help="What runs our network (mim segment --runtime): auto = OpenVINO for -fast models on the CPU "
+                         "where it is installed, else PyTorch.")
     ap.add_argument("--max-minutes", type=float, default=15.0,
                     help="Per measurement: if the warm-up-based estimate is longer, do a memory-only run "
                          "(default 15; 0 = always the full run).")

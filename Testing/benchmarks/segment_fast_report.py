@@ -50,12 +50,14 @@ def fast_report(by: dict, cases: list[str], labels_dir: str) -> dict:
             out[f"fast_over_ref_{model}_{case}_e2e_s"] = speed
             out[f"fast_dice_min_{model}_{case}"] = worst
             fast["dice_vs_reference"] = dice
-            rows.append([f"{model}@{case}", f"{ref['e2e_s']:.1f}", f"{fast['e2e_s']:.1f}", f"{speed:.2f}",
+            rows.append([f"{model}@{case}", fast.get("runtime", "torch"), f"{fast.get('setup_s', 0):.1f}",
+                         f"{ref['e2e_s']:.1f}", f"{fast['e2e_s']:.1f}", f"{speed:.2f}",
                          f"{fast['windows_real']}/{ref['windows_real']}", f"{worst:.4f}",
                          " ".join(f"{c}:{d:.3f}" for c, d in sorted(dice.items())),
                          "random weights: near-tied logits" if model != "bundle" else "trained bundle"])
     if rows:
-        print(table(["model@case", "ref e2e s", "fast e2e s", "fast/ref", "windows run", "min Dice", "Dice per class",
+        print(table(["model@case", "fast runtime", "fast setup s", "ref e2e s", "fast e2e s",
+                     "fast/ref", "windows run", "min Dice", "Dice per class",
                      "weights"], rows))
         print("  (random weights put many voxels near a tie between classes, where bf16 rounding flips the argmax; "
               "the Dice that matters is the trained bundle's: --bundle)")

@@ -144,5 +144,9 @@ def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
         assert np.allclose(a.GetSpacing(), b.GetSpacing()) and np.allclose(a.GetOrigin(), b.GetOrigin())
         outs[runtime] = sitk.GetArrayFromImage(b)
     assert (outs["auto"] != outs["torch"]).mean() <= 1e-4
+    # the progress-bar mode says where the network ran
+    assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "bar.nii.gz"), "--fast",
+                 "--progress", "bar"]) == 0
+    assert "network on cpu in OpenVINO" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "x.nii.gz"), "--runtime", "onnx"])

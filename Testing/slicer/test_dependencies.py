@@ -32,9 +32,9 @@ from MiMSlicerLib import dependencies as deps  # noqa: E402
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 PYPROJECT = ROOT / "MiMCore" / "pyproject.toml"
 
-# mimcore dependencies deliberately left out of the Slicer requirements: each must only
-# be imported inside try/except ImportError in mimcore (checked below).
-OPTIONAL_IN_SLICER = {"tensorboard"}
+# mimcore dependencies (and extras: openvino, mimcore[fast]) deliberately left out of the Slicer
+# requirements: each must only be imported inside try/except ImportError in mimcore (checked below).
+OPTIONAL_IN_SLICER = {"tensorboard", "openvino"}
 # Import names that Slicer's own Python (or an extension we depend on) provides.
 SLICER_PROVIDED = {"slicer", "vtk", "vtkmodules", "qt", "ctk", "SampleData", "sitkUtils", "PyTorchUtils",
                    "packaging", "mimcore", "MiMSlicerLib", "MiMSlicer"}

@@ -179,5 +179,6 @@ def segment_case(ns, seg, bundle, segments, src: Path, dst: Path, position: str,
     event("case", input=str(src), outputs=files, seconds=round(time.perf_counter() - t0, 2),
           labels_present=present)
     if not json_mode and ns.progress != "none":
-        print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s)")
+        print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s; network on {seg.device} "
+              f"in {'OpenVINO' if seg.runtime == 'openvino' else 'PyTorch'})")
     return files

@@ -12,9 +12,9 @@ architecture, window size and library versions under ``$MIM_OPENVINO_CACHE`` or 
 per-user cache ``.../mimcore/openvino``, written atomically; a later run reads it instead of
 exporting again (seconds instead of ~10 s for ``small``).
 
-OpenVINO is optional (``pip install "mimcore[fast]"``): :func:`openvino_available` says
-whether it is installed, and :func:`compile_openvino` raises :class:`OpenVINOUnavailable`
-with the reason when a network cannot run there (the caller then stays with PyTorch).
+OpenVINO is optional (``pip install "mimcore[fast]"``): :func:`compile_openvino` raises
+:class:`OpenVINOUnavailable` with the reason when a network cannot run there (not installed,
+not convertible); :class:`~mimcore.inference.segment.Segmenter` then stays with PyTorch.
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ _HINTS = {None: "f32", torch.bfloat16: "bf16"}
 
 class OpenVINOUnavailable(RuntimeError):
     """The network cannot run in OpenVINO here (not installed, not convertible): the message says why."""
-
-
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def cache_dir() -> Path:
@@ -68,18 +60,14 @@ class OpenVINONet(nn.Module):
         return torch.from_numpy(self.request.infer([arr])[0].copy())
 
 
-def _cache_key(weights_sha256: str, architecture: dict, roi: int) -> str:
-    import openvino
-
+def _cache_key(ov, weights_sha256: str, architecture: dict, roi: int) -> str:
     blob = json.dumps({"weights": weights_sha256, "architecture": architecture, "roi": roi,
-                       "openvino": openvino.__version__, "torch": torch.__version__}, sort_keys=True)
+                       "openvino": ov.__version__, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _convert(net: nn.Module, roi: int):
-    """torch.export (batch size dynamic) -> OpenVINO model."""
-    import openvino as ov
-
+def _convert(ov, net: nn.Module, roi: int):
+    """torch.export (batch size dynamic) -> OpenVINO model (``ov``: the openvino module)."""
     x = torch.zeros((2, 1, roi, roi, roi))
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
@@ -119,12 +107,12 @@ def compile_openvino(net: nn.Module, roi: int, amp_dtype: torch.dtype | None, we
         import openvino as ov
     except ImportError as err:
         raise OpenVINOUnavailable(f"OpenVINO is not installed ({err}); pip install \"mimcore[fast]\"") from None
-    folder = cache_dir() / _cache_key(weights_sha256, architecture, roi)
+    folder = cache_dir() / _cache_key(ov, weights_sha256, architecture, roi)
     core = ov.Core()
     try:
         model = _cached_model(core, folder)
         if model is None:
-            model = _convert(net.float().to(memory_format=torch.contiguous_format), roi)
+            model = _convert(ov, net.float().to(memory_format=torch.contiguous_format), roi)
             _save_cache(ov, model, folder)
         hint = _HINTS[amp_dtype]
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,

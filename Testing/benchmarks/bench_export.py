@@ -142,10 +142,11 @@ def onnxruntime_runner(path: str, threads: int) -> Runner:
 def openvino_runners(net, roi: int, threads: int, bf16: bool, onnx_path: str | None) -> list[Runner]:
     """OpenVINO as ``mim segment --fast`` runs it (:func:`mimcore.inference.openvino_net.compile_openvino`:
     torch.export -> OpenVINO, fp32 and bf16), and, for comparison, OpenVINO reading the ONNX file."""
-    import openvino as ov
     import torch
 
-    from mimcore.inference.openvino_net import compile_openvino
+    from mimcore.inference.openvino_net import compile_openvino, import_openvino
+
+    ov = import_openvino()  # usage reports off, as in mim segment
 
     out = []
     with tempfile.TemporaryDirectory(prefix="bench_export_ov_") as cache:

@@ -150,3 +150,25 @@ def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
     assert "network on cpu in OpenVINO" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "x.nii.gz"), "--runtime", "onnx"])
+
+
+def test_openvino_reports_nothing(tmp_path):
+    """``import openvino`` and its converter report usage to Google Analytics unless the user
+    opted out (openvino_telemetry writes ``~/intel/openvino_ga_cid`` and ``stats`` as it does).
+    A conversion through mimcore, in a fresh process with an empty home, leaves no trace."""
+    import os
+    import subprocess
+
+    code = ("import torch\n"
+            "from mimcore.inference.openvino_net import compile_openvino\n"
+            "net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()\n"
+            "ov = compile_openvino(net, 8, None, 'w' * 64, {'kind': 'probe'}, threads=1)\n"
+            "print(tuple(ov(torch.rand(3, 1, 8, 8, 8)).shape))\n")
+    env = dict(os.environ, HOME=str(tmp_path / "home"), MIM_OPENVINO_CACHE=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    env.pop("CI", None)  # openvino_telemetry stays quiet in CI jobs by itself: not what is tested
+    (tmp_path / "home").mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(3, 2, 8, 8, 8)"
+    assert list((tmp_path / "home").rglob("*")) == []

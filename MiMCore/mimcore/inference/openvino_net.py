@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -66,8 +67,42 @@ def _cache_key(ov, weights_sha256: str, architecture: dict, roi: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+#: OpenVINO's converter modules that hold the telemetry module as ``tm``
+_OVC_TELEMETRY_USERS = ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils",
+                        "openvino.tools.ovc.utils")
+
+
+def import_openvino():
+    """The ``openvino`` module, with its usage reports off.
+
+    ``import openvino`` and ``ov.convert_model`` report usage to Google Analytics
+    (``openvino_telemetry``, a dependency of openvino) unless the user has opted out: without a
+    consent file it counts as consent. Nothing of a clinical workstation's use may leave it,
+    so in this process ``openvino_telemetry`` cannot be imported (set before openvino's first
+    import: openvino then uses its own no-op stub) and, if openvino was imported earlier by
+    someone else, its converter's modules get that stub. The user's consent file is left alone.
+    Raises ImportError when openvino is not installed."""
+    if "openvino" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # "import of ... halted"
+    import openvino
+
+    _no_telemetry()
+    return openvino
+
+
+def _no_telemetry() -> None:
+    """OpenVINO's converter modules get its no-op telemetry stub (see :func:`import_openvino`)."""
+    import importlib
+
+    stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+    for name in _OVC_TELEMETRY_USERS:
+        module = importlib.import_module(name)
+        if hasattr(module, "tm"):
+            module.tm = stub
+
+
 def _convert(ov, net: nn.Module, roi: int):
-    """torch.export (batch size dynamic) -> OpenVINO model (``ov``: the openvino module)."""
+    """torch.export (batch size dynamic) -> OpenVINO model (``ov``: :func:`import_openvino`)."""
     x = torch.zeros((2, 1, roi, roi, roi))
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
@@ -104,7 +139,7 @@ def compile_openvino(net: nn.Module, roi: int, amp_dtype: torch.dtype | None, we
     if amp_dtype not in _HINTS:
         raise OpenVINOUnavailable(f"OpenVINO runs fp32 or bf16 here, not {amp_dtype}")
     try:
-        import openvino as ov
+        ov = import_openvino()
     except ImportError as err:
         raise OpenVINOUnavailable(f"OpenVINO is not installed ({err}); pip install \"mimcore[fast]\"") from None
     folder = cache_dir() / _cache_key(ov, weights_sha256, architecture, roi)

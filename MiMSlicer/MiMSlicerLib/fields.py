@@ -6,7 +6,9 @@
   an unset path as an empty field: :func:`path_text` is what the field shows,
   :func:`path_is_set` whether a parameter holds a path, :func:`path_value` what a typed
   text means.
-* "Fast (CPU)" (``mim segment --fast``): :func:`default_fast` - on when no GPU was found.
+* "Fast (CPU)" (``mim segment --fast``): :func:`default_fast` - on when no GPU was found;
+  :func:`gpu_requested` - what a device setting says before the check; :func:`runtime_text`
+  - where a segment job ran its network.
 * PyTorch installs: :func:`restart_needed` - whether Slicer must restart to use the
   newly installed packages.
 * :func:`slicer_version_problem` - what to tell a user of a Slicer older than the module supports.
@@ -41,6 +43,25 @@ def default_fast(gpu_found: bool | None) -> bool:
     (``gpu_found`` False) or has not run (None: the CPU is the safe guess - an untested
     GPU setup is found by the device check, which then unticks it)."""
     return not gpu_found
+
+
+def gpu_requested(device: str) -> bool | None:
+    """What a device setting says about a GPU before any check: ``cpu`` no (False), ``cuda``,
+    ``cuda:N`` or ``mps`` yes (True), ``auto`` unknown (None: the device check decides)."""
+    kind = str(device or "auto").split(":")[0].lower()
+    if kind == "cpu":
+        return False
+    if kind in ("cuda", "mps"):
+        return True
+    return None
+
+
+def runtime_text(events) -> str:
+    """", network in OpenVINO" / ", network in PyTorch" from a segment job's ``start`` event
+    (``runtime``), "" when the job did not say (an older mimcore)."""
+    runtime = next((e.get("runtime") for e in events if e.get("event") == "start"), None)
+    names = {"openvino": "OpenVINO", "torch": "PyTorch"}
+    return f", network in {names.get(runtime, runtime)}" if runtime else ""
 
 
 def gpu_found(check) -> bool | None:

@@ -24,7 +24,9 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectPaint
 
+from MiMSlicerLib.dependencies import DeviceCheckRun
 from MiMSlicerLib.errors import MiMSlicerError
+from MiMSlicerLib.fields import default_fast, gpu_found, gpu_requested, runtime_text
 from MiMSlicerLib.exports import write_label_nifti, write_seg_nrrd
 from MiMSlicerLib.logic import MiMLogicCore
 from MiMSlicerLib.progress import curves, progress_fraction, progress_text
@@ -107,6 +109,8 @@ class StudioApp:
         self._loaded: list = []  # nodes of the current volume (removed when another is loaded, unless a case)
         self.cases = CaseList()  # the fine-tuning cases (kept in the scene across loads)
         self._finetune_cases = 0
+        self._device_check = None  # DeviceCheckRun of --device auto: decides the Fast (CPU) default
+        self._segment_fast_run = False  # the running segment job has --fast
         self._set_defaults()
         self._bind()
         self._click_observer = None
@@ -121,7 +125,8 @@ class StudioApp:
         s.update({
             "alert_text": "", "alert_type": "info", "upload_limit": self.config.max_upload_bytes,
             "volumes": self.catalog.volumes(), "volume_choice": None, "volume_name": "",
-            "models": [], "model_choice": None, "checkpoints": self.catalog.checkpoints(), "checkpoint_choice": None,
+            "models": [], "model_choice": None, "segment_fast": default_fast(gpu_requested(self.config.device)),
+            "checkpoints": self.catalog.checkpoints(), "checkpoint_choice": None,
             "segments": [], "has_segmentation": False, "download_base": "segmentation", "layout": "segment",
             "preview_levels": [], "preview_level": None, "preview_center_text": "volume centre",
             "preview_volumes": [], "preview_volume": None,
@@ -265,8 +270,10 @@ class StudioApp:
             raise MiMSlicerError("Choose a model (the library is empty: fine-tune one, or add one with "
                                  "`mim models add`).")
         self.stop_paint()
+        self._segment_fast_run = bool(self.state.segment_fast)
         self._start("segment", self.logic.start_segment(volume, self.state.model_choice, device=self.config.device,
-                                                         segmentation_node=self.segmentation_node))
+                                                         segmentation_node=self.segmentation_node,
+                                                         fast=self._segment_fast_run))
 
     def preview(self, checkpoint: str | None = None) -> None:
         self._check_idle("preview")
@@ -349,9 +356,18 @@ class StudioApp:
         self.state[f"{kind}_status"] = "Cancelled." if task is not None else ""
         self.state[f"{kind}_progress"] = 0
 
+    def _poll_device_check(self) -> None:
+        """Once the device check of ``--device auto`` is done: Fast (CPU) ticked unless it found a GPU."""
+        if self._device_check is None or self._device_check.poll():
+            return
+        check, self._device_check = self._device_check.result, None
+        with self.state:
+            self.state.segment_fast = default_fast(gpu_found(check))
+
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
+            self._poll_device_check()
             if not self.tasks:
                 continue
             with self.state:
@@ -390,7 +406,8 @@ class StudioApp:
             view.schedule_render()  # stream the overlay and the surface to the page now
         self._show_segments()
         self.state.has_segmentation = True
-        self.say(f"Segmented {self.volume_node.GetName()}: {len(self.state.segments)} segments.", "success")
+        fast = " (fast" + runtime_text(task.events) + ")" if self._segment_fast_run else ""
+        self.say(f"Segmented {self.volume_node.GetName()}: {len(self.state.segments)} segments{fast}.", "success")
 
     def _show_segments(self) -> None:
         """The segment list of the page: name, colour, size in ml."""
@@ -545,6 +562,8 @@ class StudioApp:
     # ------------------------------------------------------------------ preview centre
 
     def _on_ready(self, **_kwargs) -> None:
+        if gpu_requested(self.config.device) is None:  # auto: is there a GPU? (a child process, seconds)
+            self._device_check = DeviceCheckRun("auto").start()
         asyncio.get_event_loop().create_task(self._poll_forever())
         view = self.slicer.view_manager.get_view("Red")
         if view is not None:
@@ -565,4 +584,6 @@ class StudioApp:
     def stop(self) -> None:
         for kind in list(self.tasks):
             self.cancel(kind)
+        if self._device_check is not None:
+            self._device_check.cancel()
         self.uploads.remove()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from MiMSlicerLib.fields import default_fast, gpu_found, path_is_set, path_text, path_value, restart_needed
+from MiMSlicerLib.fields import (default_fast, gpu_found, gpu_requested, path_is_set, path_text, path_value,
+                                 restart_needed, runtime_text)
 
 
 def test_an_unset_path_shows_an_empty_field_not_a_dot():
@@ -24,6 +25,18 @@ def test_fast_is_on_by_default_without_a_gpu():
     failed = SimpleNamespace(ok=False, device=None)
     assert gpu_found(cpu) is False and gpu_found(gpu) is True and gpu_found(failed) is None and gpu_found(None) is None
     assert default_fast(gpu_found(cpu)) and not default_fast(gpu_found(gpu))
+    # a device setting decides before any check, except auto (MiM Studio's --device)
+    assert [gpu_requested(d) for d in ("cpu", "CPU", "cuda", "cuda:1", "mps", "auto", "")] == [
+        False, False, True, True, True, None, None]
+    assert default_fast(gpu_requested("cpu")) and not default_fast(gpu_requested("cuda:0"))
+
+
+def test_where_the_segment_network_ran():
+    start = {"event": "start", "stage": "segment", "runtime": "openvino"}
+    assert runtime_text([start, {"event": "progress"}]) == ", network in OpenVINO"
+    assert runtime_text([dict(start, runtime="torch")]) == ", network in PyTorch"
+    assert runtime_text([{"event": "start", "stage": "segment"}]) == ""  # an older mimcore does not say
+    assert runtime_text([]) == ""
 
 
 def test_restart_is_needed_only_for_packages_already_imported():

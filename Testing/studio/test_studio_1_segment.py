@@ -35,8 +35,11 @@ def test_load_sample_segment_and_download(page, studio, studio_data, tmp_path):
     screenshot(page, "01_loaded")
 
     assert page.locator("#model-select").input_value().startswith(studio_data.model)
+    assert page.locator("#segment-fast").is_checked()  # the server runs on the CPU (--device cpu)
     page.click("#segment-btn")
     wait_done(page, "segment")
+    # mim segment --fast ran, its network in OpenVINO (make setup installs it)
+    assert "segments (fast, network in OpenVINO)" in page.inner_text("#alert"), page.inner_text("#alert")
     names = page.locator("#segment-list .segment-name").all_inner_texts()
     assert names == ["liver", "spleen", "kidney_left", "kidney_right"]
     sizes = [float(t.split()[0]) for t in page.locator("#segment-list .segment-ml").all_inner_texts()]

@@ -54,7 +54,7 @@ def build_net(preset: str, bundle_path: str | None, seed: int):
         bundle = load_bundle(bundle_path)
         net = segnet.build(bundle.description["architecture"])
         net.load_state_dict(bundle.state_dict())
-        names = {lab.value: lab.name for lab in bundle.labels}
+        names = {lab["value"]: lab["name"] for lab in bundle.labels}
         return net.eval(), bundle.description["preprocessing"], names
     from mimcore.models.convvit import preset as convvit_preset
     from mimcore.models.mim_segnet import MiMSegNet

@@ -97,6 +97,9 @@ def test_the_conversion_is_cached_and_a_damaged_cache_is_rebuilt(tiny, tmp_path,
 def test_which_runtime_runs_the_network():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_runtime("auto", cpu, PROFILES["fast"]) == "openvino"
+    assert choose_runtime("auto", cpu, PROFILES["fast"], roi=64) == "openvino"  # small
+    assert choose_runtime("auto", cpu, PROFILES["fast"], roi=96) == "torch"  # base: OpenVINO's buffers, > 6 GB
+    assert choose_runtime("openvino", cpu, PROFILES["fast"], roi=96) == "openvino"  # on request
     assert choose_runtime("auto", cpu, PROFILES["reference"]) == "torch"  # the reference path stays PyTorch
     assert choose_runtime("auto", cuda, PROFILES["fast"]) == "torch"  # a GPU runs PyTorch
     assert choose_runtime("torch", cpu, PROFILES["fast"]) == "torch"

@@ -36,6 +36,12 @@ from mimcore.errors import MimError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 RUNTIMES = ("auto", "torch", "openvino")
+#: ``--runtime auto`` runs OpenVINO for windows up to this edge. OpenVINO keeps its intermediate
+#: buffers between calls (dynamic batch): +2.3 GB for two 96^3 windows of ``base``, which put
+#: ``base --fast`` on a 512x512x400 CT at 6.4 GB peak RSS (target < 6 GB; 158 s instead of 376 s
+#: in PyTorch at 4.5 GB); for 64^3 windows (``small``) the peak stays at 4.0 GB. ``--runtime
+#: openvino`` runs it for any window.
+OPENVINO_AUTO_MAX_ROI = 64
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,12 @@ def autocast_dtype(device: torch.device, precision: str, profile: Profile) -> to
     return None
 
 
-def choose_runtime(runtime: str, device: torch.device, profile: Profile) -> str:
-    """Which runtime runs the network: ``torch`` or ``openvino`` (CPU only).
+def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: int = 64) -> str:
+    """Which runtime runs the network of ``roi``^3 windows: ``torch`` or ``openvino`` (CPU only).
 
-    ``runtime``: ``auto`` (the profile's choice on the CPU, PyTorch elsewhere), ``torch``, or
-    ``openvino`` (an error off the CPU). Whether OpenVINO is installed is checked when the
+    ``runtime``: ``auto`` (the profile's choice on the CPU for windows up to
+    :data:`OPENVINO_AUTO_MAX_ROI`, PyTorch elsewhere), ``torch``, or ``openvino`` (an error off
+    the CPU). Whether OpenVINO is installed is checked when the
     network is compiled (:func:`mimcore.inference.openvino_net.compile_openvino`)."""
     if runtime not in RUNTIMES:
         raise MimError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -104,5 +111,5 @@ def choose_runtime(runtime: str, device: torch.device, profile: Profile) -> str:
         raise MimError(f"--runtime openvino runs on the CPU only; this run is on {device} "
                        "(use --device cpu, or --runtime torch)")
     if runtime == "auto":
-        return profile.cpu_runtime if device.type == "cpu" else "torch"
+        return profile.cpu_runtime if device.type == "cpu" and roi <= OPENVINO_AUTO_MAX_ROI else "torch"
     return runtime

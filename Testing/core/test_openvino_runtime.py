@@ -96,10 +96,11 @@ def test_the_conversion_is_cached_and_a_damaged_cache_is_rebuilt(tiny, tmp_path,
 
 def test_which_runtime_runs_the_network():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_runtime("auto", cpu, PROFILES["fast"]) == "openvino"
-    assert choose_runtime("auto", cpu, PROFILES["fast"], roi=64) == "openvino"  # small
+    assert choose_runtime("auto", cpu, PROFILES["fast"]) == "openvino"  # fp32 windows of 64^3 (small)
+    assert choose_runtime("auto", cpu, PROFILES["fast"], roi=64, amp_dtype=None) == "openvino"
     assert choose_runtime("auto", cpu, PROFILES["fast"], roi=96) == "torch"  # base: OpenVINO's buffers, > 6 GB
-    assert choose_runtime("openvino", cpu, PROFILES["fast"], roi=96) == "openvino"  # on request
+    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16) == "torch"  # agrees better
+    assert choose_runtime("openvino", cpu, PROFILES["fast"], roi=96, amp_dtype=torch.bfloat16) == "openvino"
     assert choose_runtime("auto", cpu, PROFILES["reference"]) == "torch"  # the reference path stays PyTorch
     assert choose_runtime("auto", cuda, PROFILES["fast"]) == "torch"  # a GPU runs PyTorch
     assert choose_runtime("torch", cpu, PROFILES["fast"]) == "torch"
@@ -113,7 +114,7 @@ def test_which_runtime_runs_the_network():
 def test_without_openvino_fast_runs_in_pytorch_and_says_so(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed: import fails
     notes = []
-    seg = Segmenter(load_bundle(tiny), device="cpu", profile="fast",
+    seg = Segmenter(load_bundle(tiny), device="cpu", profile="fast", precision="fp32",
                     events=lambda ev, **f: notes.append((ev, f.get("message"))))
     assert seg.runtime == "torch"
     assert len(notes) == 1 and notes[0][0] == "note"
@@ -127,8 +128,9 @@ def test_without_openvino_fast_runs_in_pytorch_and_says_so(tiny, monkeypatch):
 
 
 def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
-    """``mim segment --fast --progress json`` as the Slicer module runs it: the start event names
-    the runtime, the labels lie on the input's grid, and agree with ``--runtime torch``."""
+    """``mim segment --fast --progress json`` as the Slicer module runs it on a CPU without native
+    bf16 (``--precision fp32``): the start event names the runtime, the labels lie on the
+    input's grid, and agree with ``--runtime torch``."""
     from mimcore.cli.main import main
 
     vol = body_ct(shape=(60, 50, 20))
@@ -149,8 +151,12 @@ def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
     assert (outs["auto"] != outs["torch"]).mean() <= 1e-4
     # the progress-bar mode says where the network ran
     assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "bar.nii.gz"), "--fast",
-                 "--progress", "bar"]) == 0
+                 "--precision", "fp32", "--progress", "bar"]) == 0
     assert "network on cpu in OpenVINO" in capsys.readouterr().out
+    if cpu_has_bf16():  # bf16 stays in PyTorch unless asked for
+        assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "bf.nii.gz"), "--fast",
+                     "--progress", "bar"]) == 0
+        assert "network on cpu in PyTorch" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "x.nii.gz"), "--runtime", "onnx"])
 

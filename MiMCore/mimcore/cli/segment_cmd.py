@@ -36,15 +36,15 @@ def add_parser(sub) -> None:
                    help="auto = bf16/fp16 autocast on CUDA; on the CPU fp32, or bf16 with --fast where the CPU "
                         "has native bf16 (AVX-512 BF16/AMX); bf16 = bf16 autocast on any device")
     p.add_argument("--fast", action="store_true",
-                   help="the fast profile: on the CPU the network runs in OpenVINO where it is installed "
-                        "(pip install \"mimcore[fast]\"), else in PyTorch with channels-last; bf16 on CPUs with "
-                        "native bf16; and the network "
+                   help="the fast profile: bf16 on CPUs with native bf16 (PyTorch, channels-last); fp32 "
+                        "elsewhere, in OpenVINO where it is installed (pip install \"mimcore[fast]\"); and the network "
                         "run only on windows that hold part of the body (found at low resolution; windows of "
                         "air give background). Inside the body the windows are the default path's; "
                         "Testing/benchmarks/bench_segment.py prints the Dice of fast against the default")
     p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
-                   help="what runs the network: auto = OpenVINO with --fast on the CPU where it is installed, "
-                        "else PyTorch; openvino = OpenVINO or an error (CPU only)")
+                   help="what runs the network: auto = OpenVINO for --fast fp32 windows of up to 64^3 on the CPU "
+                        "where it is installed, else PyTorch; openvino = OpenVINO (also bf16, any window) or an "
+                        "error (CPU only)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -145,7 +145,7 @@ def compile_openvino(net: nn.Module, roi: int, amp_dtype: torch.dtype | None, we
         ov = import_openvino()
     except ImportError as err:
         raise OpenVINOUnavailable("OpenVINO is not installed (pip install openvino, or mimcore[fast]; in 3D Slicer "
-                                  "slicer.util.pip_install('openvino') makes Fast about twice as fast)") from None
+                                  "slicer.util.pip_install('openvino'): fp32 windows take 0.7x the time)") from None
     folder = cache_dir() / _cache_key(ov, weights_sha256, architecture, roi)
     core = ov.Core()
     try:

@@ -4,11 +4,12 @@
 profile        what changes against the bundle's own settings
 =============  =====================================================================
 ``reference``  nothing: fp32 on the CPU, bf16/fp16 autocast on CUDA, every window.
-``fast``       on the CPU the network runs in OpenVINO where it is installed
-               (``mimcore[fast]``; :mod:`mimcore.inference.openvino_net`), else in PyTorch;
-               bf16 where the CPU has native bf16 (AVX-512 BF16 / AMX; oneDNN says so),
-               channels-last (``channels_last_3d``) weights and windows
-               so that oneDNN's convolutions skip their layout copies, and windows that
+``fast``       bf16 autocast where the CPU has native bf16 (AVX-512 BF16 / AMX; oneDNN
+               says so); fp32 windows elsewhere run in OpenVINO where it is installed
+               (``mimcore[fast]``; :mod:`mimcore.inference.openvino_net`; see
+               :func:`choose_runtime`), else in PyTorch; in PyTorch channels-last
+               (``channels_last_3d``) weights and windows so that oneDNN's convolutions
+               skip their layout copies; windows that
                hold only air (body mask found at low resolution,
                :mod:`mimcore.inference.body_region`) not computed: background; slabs of
                up to 2 GiB of probabilities instead of 1 GiB, so that a 512x512 CT at
@@ -36,11 +37,10 @@ from mimcore.errors import MimError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 RUNTIMES = ("auto", "torch", "openvino")
-#: ``--runtime auto`` runs OpenVINO for windows up to this edge. OpenVINO keeps its intermediate
-#: buffers between calls (dynamic batch): +2.3 GB for two 96^3 windows of ``base``, which put
-#: ``base --fast`` on a 512x512x400 CT at 6.4 GB peak RSS (target < 6 GB; 158 s instead of 376 s
-#: in PyTorch at 4.5 GB); for 64^3 windows (``small``) the peak stays at 4.0 GB. ``--runtime
-#: openvino`` runs it for any window.
+#: ``--runtime auto`` runs OpenVINO for fp32 windows up to this edge. OpenVINO keeps its
+#: intermediate buffers between calls (dynamic batch): +2.3 GB for two 96^3 windows of ``base``
+#: in bf16, which put ``base --fast`` on a 512x512x400 CT at 6.4 GB peak RSS (target < 6 GB);
+#: for 64^3 windows (``small``) the peak stays at 4.0-4.3 GB.
 OPENVINO_AUTO_MAX_ROI = 64
 
 
@@ -53,13 +53,13 @@ class Profile:
     channels_last: bool  #: channels_last_3d weights and windows
     skip_air: bool  #: windows without body voxels are not computed (background)
     slab_budget_bytes: int | None = None  #: probability buffer of one slab (None: the caller's, 1 GiB)
-    cpu_runtime: str = "torch"  #: ``--runtime auto`` on the CPU: ``torch`` or ``openvino`` (where installed)
+    cpu_fp32_runtime: str = "torch"  #: ``--runtime auto`` for fp32 windows on the CPU: ``torch`` or ``openvino``
 
 
 PROFILES = {
     "reference": Profile("reference", cpu_bf16=False, channels_last=False, skip_air=False),
     "fast": Profile("fast", cpu_bf16=True, channels_last=True, skip_air=True, slab_budget_bytes=2 << 30,
-                    cpu_runtime="openvino"),
+                    cpu_fp32_runtime="openvino"),
 }
 
 
@@ -98,12 +98,19 @@ def autocast_dtype(device: torch.device, precision: str, profile: Profile) -> to
     return None
 
 
-def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: int = 64) -> str:
-    """Which runtime runs the network of ``roi``^3 windows: ``torch`` or ``openvino`` (CPU only).
+def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: int = 64,
+                   amp_dtype: torch.dtype | None = None) -> str:
+    """Which runtime runs the network of ``roi``^3 windows in ``amp_dtype`` (None: fp32):
+    ``torch`` or ``openvino`` (CPU only).
 
-    ``runtime``: ``auto`` (the profile's choice on the CPU for windows up to
-    :data:`OPENVINO_AUTO_MAX_ROI`, PyTorch elsewhere), ``torch``, or ``openvino`` (an error off
-    the CPU). Whether OpenVINO is installed is checked when the
+    ``runtime``: ``auto``, ``torch``, or ``openvino`` (an error off the CPU). ``auto`` runs the
+    profile's ``cpu_fp32_runtime`` for fp32 windows up to :data:`OPENVINO_AUTO_MAX_ROI` on the
+    CPU, and PyTorch for everything else. Measured (``bench_export.py``, ``bench_segment.py``,
+    2-core Xeon): OpenVINO fp32 gives PyTorch fp32's labels (Dice 1.000) in 0.70x the time of
+    the PyTorch fast path in fp32 on a 512x512x400 CT (191 s instead of 273 s), which is what
+    a CPU without native bf16 runs; in bf16 OpenVINO is faster still (85 s instead of 100 s)
+    but agrees less with fp32 (Dice of a trained ``small`` 0.981-0.999 per class, PyTorch bf16
+    0.987-0.999), so bf16 stays in PyTorch unless asked for (``--runtime openvino``). Whether OpenVINO is installed is checked when the
     network is compiled (:func:`mimcore.inference.openvino_net.compile_openvino`)."""
     if runtime not in RUNTIMES:
         raise MimError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -111,5 +118,6 @@ def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: in
         raise MimError(f"--runtime openvino runs on the CPU only; this run is on {device} "
                        "(use --device cpu, or --runtime torch)")
     if runtime == "auto":
-        return profile.cpu_runtime if device.type == "cpu" and roi <= OPENVINO_AUTO_MAX_ROI else "torch"
+        fits = device.type == "cpu" and amp_dtype is None and roi <= OPENVINO_AUTO_MAX_ROI
+        return profile.cpu_fp32_runtime if fits else "torch"
     return runtime

@@ -99,7 +99,7 @@ class Segmenter:
         cpu_amp = autocast_dtype(torch.device("cpu"), precision, self.profile)
         self.n_classes = segnet.out_channels(self.net)
         roi = segnet.input_size(self.net)
-        self.runtime = choose_runtime(runtime, self.device, self.profile, roi)
+        self.runtime = choose_runtime(runtime, self.device, self.profile, roi, cpu_amp)
         window_net = self.net
         if self.runtime == "openvino":
             try:

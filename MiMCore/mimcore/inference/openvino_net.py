@@ -87,8 +87,10 @@ def import_openvino():
     Raises ImportError when openvino is not installed."""
     if "openvino" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # "import of ... halted"
-    import openvino
-
+    try:
+        import openvino
+    except ImportError as err:  # optional (mimcore[fast]); not a requirement inside Slicer
+        raise ImportError(f"OpenVINO is not installed ({err})") from None
     _no_telemetry()
     return openvino
 

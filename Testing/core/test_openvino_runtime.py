@@ -18,7 +18,8 @@ from test_segment_fast import body_ct
 from mimcore.bundles.bundle import load_bundle
 from mimcore.data.volume_io import save_volume
 from mimcore.errors import MimError
-from mimcore.inference.openvino_net import OpenVINONet, OpenVINOUnavailable, cache_dir, compile_openvino
+from mimcore.inference.openvino_cache import cache_dir
+from mimcore.inference.openvino_net import OpenVINONet, OpenVINOUnavailable, compile_openvino
 from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16
 from mimcore.inference.segment import Segmenter
 from mimcore.models import segnet
@@ -57,6 +58,30 @@ def test_fp32_logits_equal_pytorch_for_any_window_batch(tiny):
     # a channels-last input (what the PyTorch fast path hands its network) gives the same logits
     x = windows(2)
     np.testing.assert_allclose(ov(x.contiguous(memory_format=torch.channels_last_3d)).numpy(), ov(x).numpy())
+
+
+def test_two_streams_give_the_same_logits_in_order(tiny):
+    """A batch split over two requests run at once (the default with 2 threads or more) comes
+    back whole and in window order, with PyTorch's logits."""
+    bundle = load_bundle(tiny)
+    net = segnet.build(bundle.description["architecture"])
+    net.load_state_dict(bundle.state_dict())
+    net.eval()
+    ov = compile_openvino(net, 32, None, bundle.description["weights"]["sha256"], bundle.description["architecture"],
+                          threads=2)
+    assert ov.streams == 2 and int(ov.compiled.get_property("NUM_STREAMS")) == 2
+    for n in (1, 2, 3, 5):
+        x = windows(n, seed=10 + n)
+        with torch.no_grad():
+            ref = net(x)
+        out = ov(x)
+        assert out.shape == ref.shape
+        assert float((out - ref).abs().max()) <= 1e-4 * float(ref.std()), n
+    one = compile_openvino(net, 32, None, bundle.description["weights"]["sha256"], bundle.description["architecture"],
+                           threads=2, streams=1)
+    assert one.streams == 1
+    x = windows(3, seed=99)
+    np.testing.assert_allclose(one(x).numpy(), ov(x).numpy(), rtol=1e-5, atol=1e-5 * float(ov(x).std()))
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")

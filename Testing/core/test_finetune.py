@@ -113,6 +113,31 @@ def test_starting_from_a_bundle_keeps_or_replaces_the_head(tmp_path, cases, caps
     assert load_bundle(tmp_path / "other" / "model").description["architecture"]["out_channels"] == 2
 
 
+def test_a_given_spacing_or_hu_window_wins_over_the_init_bundles(tmp_path, cases, capsys):
+    """Continuing a bundle at another spacing resamples to the spacing given (it was silently
+    the bundle's), with a note; without --spacing / --hu-window the bundle's are kept, and a
+    note says so."""
+    first = tmp_path / "first"
+    assert finetune(first, cases, "--steps", "1", capsys=capsys)[0] == 0  # spacing 2 mm, HU -175..250
+    rc, events = finetune(tmp_path / "finer", cases, "--steps", "1", "--init", str(first / "model"),
+                          "--spacing", "3", "3", "2.5", "--hu-window", "-100", "200", capsys=capsys)
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert rc == 0
+    assert "resampling to --spacing 3 x 3 x 2.5 mm, not the --init bundle's 2 x 2 x 2" in notes
+    assert "HU window -100..200 (--hu-window), not the --init bundle's -175..250" in notes
+    prep = load_bundle(tmp_path / "finer" / "model").description["preprocessing"]
+    assert prep["spacing"] == [3.0, 3.0, 2.5] and (prep["hu_min"], prep["hu_max"]) == (-100.0, 200.0)
+    rc = main(["finetune", "--images", str(cases / "images"), "--label-dir", str(cases / "labels"),
+               "--label-names", "1:liver,2:spleen", "--init", str(tmp_path / "finer" / "model"), "--steps", "1",
+               "--output", str(tmp_path / "kept"), "--progress", "json", "--no-tensorboard", "--device", "cpu"])
+    events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert rc == 0
+    assert "preprocessing from the --init bundle: spacing and HU window (3 x 3 x 2.5 mm, HU -100..200); " \
+           "--spacing / --hu-window change it" in notes
+    assert load_bundle(tmp_path / "kept" / "model").description["preprocessing"] == prep
+
+
 def test_datalist_label_colours_reach_the_bundle(tmp_path, cases, capsys):
     """A datalist's labels may carry colours ([{"value", "name", "color"}]); they follow
     --labels renumbering into the bundle, and a label without one gets its default."""

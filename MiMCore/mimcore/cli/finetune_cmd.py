@@ -42,9 +42,11 @@ def add_parser(sub) -> None:
     model.add_argument("--grad-checkpoint", action="store_true", help="recompute encoder blocks in the "
                                                                      "backward pass (less memory, slower)")
     prep = p.add_argument_group("preprocessing")
-    prep.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0), metavar=("X", "Y", "Z"),
-                      help="resample to this spacing in mm (BTCV setting)")
-    prep.add_argument("--hu-window", type=float, nargs=2, default=(-175.0, 250.0), metavar=("MIN", "MAX"))
+    prep.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                      help="resample to this spacing in mm (default: an --init bundle's, else 1.5 1.5 2, the "
+                           "BTCV setting)")
+    prep.add_argument("--hu-window", type=float, nargs=2, metavar=("MIN", "MAX"),
+                      help="HU window scaled to [0, 1] (default: an --init bundle's, else -175 250)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, help="optimizer steps")
     opt.add_argument("--epochs", type=float, help="passes over the training cases (instead of --steps)")

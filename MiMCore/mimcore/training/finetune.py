@@ -62,8 +62,8 @@ class FinetuneArgs:
     init: str | None = None  # pre-training checkpoint, authors' .pth, or a segmentation bundle
     preset: str | None = None
     backbone: str | None = None  # network without --init: convvit (MiMSegNet), vit (UNETR), swin (SwinUNETR)
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
-    hu_window: tuple[float, float] = (-175.0, 250.0)
+    spacing: tuple[float, float, float] | None = None  # None: the --init bundle's, else DEFAULT_SPACING
+    hu_window: tuple[float, float] | None = None  # None: the --init bundle's, else DEFAULT_HU_WINDOW
     steps: int | None = None
     epochs: float | None = None
     batch: int = 1  # cases per step
@@ -118,6 +118,45 @@ def validate(net: torch.nn.Module, cases, n_classes: int, device: torch.device, 
     return np.stack(rows)
 
 
+DEFAULT_SPACING = (1.5, 1.5, 2.0)  # mm, BTCV's fine-tuning spacing
+DEFAULT_HU_WINDOW = (-175.0, 250.0)
+
+
+def finetune_preprocessing(args: FinetuneArgs, init_bundle=None) -> tuple[dict, list[str]]:
+    """-> (the run's preprocessing dict, notes). Starting from a bundle (``init_bundle``) keeps
+    its preprocessing, except what ``args`` gives explicitly (``spacing``, ``hu_window``): a
+    bundle trained at 6 mm continued at 1.5 mm resamples to 1.5 mm, and a note says so. Without
+    a bundle: ``args``' values, else :data:`DEFAULT_SPACING` and :data:`DEFAULT_HU_WINDOW`.
+
+    Raises:
+        MimError: a spacing or HU window that is not valid."""
+    notes: list[str] = []
+    if init_bundle is None:
+        spacing, hu = args.spacing or DEFAULT_SPACING, args.hu_window or DEFAULT_HU_WINDOW
+        prep = Preprocessing(hu_min=float(hu[0]), hu_max=float(hu[1]), spacing=tuple(spacing)).to_dict()
+        return prep, notes
+    prep = dict(init_bundle.description["preprocessing"])
+    kept = []
+    if args.spacing is not None and list(map(float, args.spacing)) != list(prep.get("spacing") or []):
+        notes.append(f"resampling to --spacing {' x '.join(f'{v:g}' for v in args.spacing)} mm, not the --init "
+                     f"bundle's {' x '.join(f'{v:g}' for v in prep['spacing']) if prep.get('spacing') else 'native'}")
+        prep["spacing"] = [float(v) for v in args.spacing]
+    else:
+        kept.append("spacing")
+    if args.hu_window is not None and [float(v) for v in args.hu_window] != [prep["hu_min"], prep["hu_max"]]:
+        notes.append(f"HU window {args.hu_window[0]:g}..{args.hu_window[1]:g} (--hu-window), not the --init "
+                     f"bundle's {prep['hu_min']:g}..{prep['hu_max']:g}")
+        prep["hu_min"], prep["hu_max"] = float(args.hu_window[0]), float(args.hu_window[1])
+    else:
+        kept.append("HU window")
+    Preprocessing.from_dict(prep)  # validated
+    if kept:
+        spacing = " x ".join(f"{v:g}" for v in prep["spacing"]) + " mm" if prep.get("spacing") else "native"
+        notes.append(f"preprocessing from the --init bundle: {' and '.join(kept)} "
+                     f"({spacing}, HU {prep['hu_min']:g}..{prep['hu_max']:g}); --spacing / --hu-window change it")
+    return prep, notes
+
+
 def _run(args: FinetuneArgs, device: torch.device, dist_info: distributed.DistInfo,
          folder: RunFolder | None = None) -> dict:
     """The run, holding its run folder (:func:`run_folder.run_holding_folder`)."""
@@ -145,12 +184,8 @@ def _train(args: FinetuneArgs, device: torch.device, dist_info: distributed.Dist
     net = net.to(device)
     roi = segnet.input_size(net)
     kind = segnet.kind_of(net)
-    if init_bundle is not None and args.extra.get("prep_from_bundle", True):
-        prep = dict(init_bundle.description["preprocessing"])
-        Preprocessing.from_dict(prep)  # validated; kept as the bundle has it
-    else:  # one description for pre-training, fine-tuning and segmentation (validated)
-        prep = Preprocessing(hu_min=float(args.hu_window[0]), hu_max=float(args.hu_window[1]),
-                             spacing=tuple(args.spacing) if args.spacing else None).to_dict()
+    prep, prep_notes = finetune_preprocessing(args, init_bundle if args.extra.get("prep_from_bundle", True) else None)
+    build_notes = prep_notes + build_notes
 
     train_cache = cached_cases(train_cases, mapping, prep, roi)
     val_cache = train_cache if val_cases is train_cases else cached_cases(val_cases, mapping, prep, roi)

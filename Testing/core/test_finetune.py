@@ -123,7 +123,7 @@ def test_a_given_spacing_or_hu_window_wins_over_the_init_bundles(tmp_path, cases
                           "--spacing", "3", "3", "2.5", "--hu-window", "-100", "200", capsys=capsys)
     notes = [e["message"] for e in events if e["event"] == "note"]
     assert rc == 0
-    assert "resampling to --spacing 3 x 3 x 2.5 mm, not the --init bundle's 2 x 2 x 2" in notes
+    assert "resampling to --spacing 3 x 3 x 2.5 mm, not the --init bundle's 2 x 2 x 2 mm" in notes
     assert "HU window -100..200 (--hu-window), not the --init bundle's -175..250" in notes
     prep = load_bundle(tmp_path / "finer" / "model").description["preprocessing"]
     assert prep["spacing"] == [3.0, 3.0, 2.5] and (prep["hu_min"], prep["hu_max"]) == (-100.0, 200.0)
@@ -133,8 +133,12 @@ def test_a_given_spacing_or_hu_window_wins_over_the_init_bundles(tmp_path, cases
     events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     notes = [e["message"] for e in events if e["event"] == "note"]
     assert rc == 0
-    assert "preprocessing from the --init bundle: spacing and HU window (3 x 3 x 2.5 mm, HU -100..200); " \
-           "--spacing / --hu-window change it" in notes
+    assert "from the --init bundle: spacing 3 x 3 x 2.5 mm and HU window -100..200 (--spacing / --hu-window " \
+           "change them)" in notes
+    rc, events = finetune(tmp_path / "hu", cases, "--steps", "1", "--init", str(tmp_path / "finer" / "model"),
+                          "--spacing", "3", "3", "2.5", capsys=capsys)
+    assert "from the --init bundle: HU window -100..200 (--hu-window changes it)" in \
+        [e["message"] for e in events if e["event"] == "note"]
     assert load_bundle(tmp_path / "kept" / "model").description["preprocessing"] == prep
 
 

@@ -122,6 +122,10 @@ DEFAULT_SPACING = (1.5, 1.5, 2.0)  # mm, BTCV's fine-tuning spacing
 DEFAULT_HU_WINDOW = (-175.0, 250.0)
 
 
+def _mm(spacing) -> str:
+    return " x ".join(f"{v:g}" for v in spacing) + " mm" if spacing else "native"
+
+
 def finetune_preprocessing(args: FinetuneArgs, init_bundle=None) -> tuple[dict, list[str]]:
     """-> (the run's preprocessing dict, notes). Starting from a bundle (``init_bundle``) keeps
     its preprocessing, except what ``args`` gives explicitly (``spacing``, ``hu_window``): a
@@ -138,22 +142,20 @@ def finetune_preprocessing(args: FinetuneArgs, init_bundle=None) -> tuple[dict, 
     prep = dict(init_bundle.description["preprocessing"])
     kept = []
     if args.spacing is not None and list(map(float, args.spacing)) != list(prep.get("spacing") or []):
-        notes.append(f"resampling to --spacing {' x '.join(f'{v:g}' for v in args.spacing)} mm, not the --init "
-                     f"bundle's {' x '.join(f'{v:g}' for v in prep['spacing']) if prep.get('spacing') else 'native'}")
+        notes.append(f"resampling to --spacing {_mm(args.spacing)}, not the --init bundle's {_mm(prep.get('spacing'))}")
         prep["spacing"] = [float(v) for v in args.spacing]
     else:
-        kept.append("spacing")
+        kept.append((f"spacing {_mm(prep.get('spacing'))}", "--spacing"))
     if args.hu_window is not None and [float(v) for v in args.hu_window] != [prep["hu_min"], prep["hu_max"]]:
         notes.append(f"HU window {args.hu_window[0]:g}..{args.hu_window[1]:g} (--hu-window), not the --init "
                      f"bundle's {prep['hu_min']:g}..{prep['hu_max']:g}")
         prep["hu_min"], prep["hu_max"] = float(args.hu_window[0]), float(args.hu_window[1])
     else:
-        kept.append("HU window")
+        kept.append((f"HU window {prep['hu_min']:g}..{prep['hu_max']:g}", "--hu-window"))
     Preprocessing.from_dict(prep)  # validated
     if kept:
-        spacing = " x ".join(f"{v:g}" for v in prep["spacing"]) + " mm" if prep.get("spacing") else "native"
-        notes.append(f"preprocessing from the --init bundle: {' and '.join(kept)} "
-                     f"({spacing}, HU {prep['hu_min']:g}..{prep['hu_max']:g}); --spacing / --hu-window change it")
+        notes.append(f"from the --init bundle: {' and '.join(k for k, _ in kept)} "
+                     f"({' / '.join(f for _, f in kept)} change{'s it' if len(kept) == 1 else ' them'})")
     return prep, notes
 
 

@@ -136,9 +136,10 @@ def test_a_given_spacing_or_hu_window_wins_over_the_init_bundles(tmp_path, cases
     assert "from the --init bundle: spacing 3 x 3 x 2.5 mm and HU window -100..200 (--spacing / --hu-window " \
            "change them)" in notes
     rc, events = finetune(tmp_path / "hu", cases, "--steps", "1", "--init", str(tmp_path / "finer" / "model"),
-                          "--spacing", "3", "3", "2.5", capsys=capsys)
-    assert "from the --init bundle: HU window -100..200 (--hu-window changes it)" in \
-        [e["message"] for e in events if e["event"] == "note"]
+                          "--spacing", "4", "4", "4", capsys=capsys)
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert "from the --init bundle: HU window -100..200 (--hu-window changes it)" in notes
+    assert "resampling to --spacing 4 x 4 x 4 mm, not the --init bundle's 3 x 3 x 2.5 mm" in notes
     assert load_bundle(tmp_path / "kept" / "model").description["preprocessing"] == prep
 
 

@@ -50,17 +50,20 @@ def fast_report(by: dict, cases: list[str], labels_dir: str) -> dict:
             out[f"fast_over_ref_{model}_{case}_e2e_s"] = speed
             out[f"fast_dice_min_{model}_{case}"] = worst
             fast["dice_vs_reference"] = dice
-            rows.append([f"{model}@{case}", fast.get("runtime", "torch"), f"{fast.get('setup_s', 0):.1f}",
+            rows.append([f"{model}@{case}", fast.get("runtime", "torch"), fast.get("amp", "?"),
+                         f"{ref.get('overlap', '?')}/{fast.get('overlap', '?')}", f"{fast.get('setup_s', 0):.1f}",
                          f"{ref['e2e_s']:.1f}", f"{fast['e2e_s']:.1f}", f"{speed:.2f}",
                          f"{fast['windows_real']}/{ref['windows_real']}", f"{worst:.4f}",
                          " ".join(f"{c}:{d:.3f}" for c, d in sorted(dice.items())),
                          "random weights: near-tied logits" if model != "bundle" else "trained bundle"])
     if rows:
-        print(table(["model@case", "fast runtime", "fast setup s", "ref e2e s", "fast e2e s",
+        print(table(["model@case", "fast runtime", "fast precision", "overlap ref/fast", "fast setup s", "ref e2e s", "fast e2e s",
                      "fast/ref", "windows run", "min Dice", "Dice per class",
                      "weights"], rows))
-        print("  (random weights put many voxels near a tie between classes, where bf16 rounding flips the argmax; "
-              "the Dice that matters is the trained bundle's: --bundle)")
+        print("  (random weights put many voxels near a tie between classes, where any difference flips the argmax: "
+              "bf16 rounding, and the fast profile's larger slabs, which move the windows near a slab border "
+              "(a 512x512 CT at 1.5 mm is one slab instead of two); the Dice that matters is the trained "
+              "bundle's: --bundle)")
     else:
         print("  (needs a model run both ways, e.g. --models small small-fast)")
     return out

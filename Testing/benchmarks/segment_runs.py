@@ -73,7 +73,8 @@ def run_ours(model: str, case: str, device, args) -> dict:
             probe.real_left = args.memory_only_batches
 
     t_setup = time.perf_counter()
-    seg = Segmenter(bundle, device=str(dev), precision=args.precision, overlap=args.overlap, sw_batch=args.sw_batch,
+    overlap = args.fast_overlap if fast and args.fast_overlap is not None else args.overlap
+    seg = Segmenter(bundle, device=str(dev), precision=args.precision, overlap=overlap, sw_batch=args.sw_batch,
                     events=lambda ev, **f: warnings.append(f"{ev}: {f.get('message')}"), windows=windows_cb,
                     timer=stage_timer(parts, dev), on_slab=on_slab, forward=probe,
                     profile="fast" if fast else "reference", runtime=args.runtime)
@@ -124,7 +125,7 @@ def run_ours(model: str, case: str, device, args) -> dict:
     res = result(label, model, case, str(seg.device), mode, roi, n_params, warmup_s, est, e2e, parts,
                  probe, counter["n"], windows_planned, mem, vol, shapes, warnings,
                  {"slab_axis": slabs[0], "slab_cores": slabs[1], "profile": seg.profile.name, **io,
-                  "runtime": seg.runtime, "setup_s": setup_s,
+                  "runtime": seg.runtime, "setup_s": setup_s, "overlap": float(seg.settings["overlap"]),
                   "amp": str(amp).replace("torch.", "") if amp else "fp32",
                   "spacing": list(seg.prep.spacing or [])})
     res.update(achieved(flops, probe.windows_real, sum(probe.times), mm))

@@ -110,7 +110,8 @@ def run(ns: argparse.Namespace) -> int:
     seg = Segmenter(bundle, ns.device, ns.overlap, ns.sw_batch, ns.tta, ns.keep_largest, ns.precision,
                     events=event, windows=windows, profile="fast" if ns.fast else "reference", runtime=ns.runtime)
     segments = [Label.from_dict(lab) for lab in bundle.labels]
-    event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device), runtime=seg.runtime)
+    event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device), runtime=seg.runtime,
+          overlap=float(seg.settings["overlap"]))
     for name, fields in early:
         event(name, **fields)
     early = None
@@ -180,5 +181,5 @@ def segment_case(ns, seg, bundle, segments, src: Path, dst: Path, position: str,
           labels_present=present)
     if not json_mode and ns.progress != "none":
         print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s; network on {seg.device} "
-              f"in {'OpenVINO' if seg.runtime == 'openvino' else 'PyTorch'})")
+              f"in {'OpenVINO' if seg.runtime == 'openvino' else 'PyTorch'}, overlap {seg.settings['overlap']:g})")
     return files

@@ -57,11 +57,11 @@ class OpenVINONet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        parts = [p for p in np.array_split(np.arange(len(arr)), min(self.streams, len(arr))) if len(p)]
+        parts = np.array_split(arr, min(self.streams, len(arr)))  # contiguous runs of windows, none empty
         if len(parts) == 1:
             return torch.from_numpy(self.requests[0].infer([arr])[0].copy())
         for req, part in zip(self.requests, parts):
-            req.start_async([np.ascontiguousarray(arr[part[0]:part[-1] + 1])])
+            req.start_async([part])
         outs = []
         for req in self.requests[:len(parts)]:
             req.wait()

@@ -285,10 +285,10 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         optionsRow = qt.QHBoxLayout()
         self.segmentFastCheckBox = qt.QCheckBox(_("Fast (CPU)"))
         self.segmentFastCheckBox.toolTip = _("The fast profile for a computer without a GPU (mim segment --fast): "
-                                             "the network runs only where the body is (air is background), with "
-                                             "bf16 on CPUs that have it; elsewhere fp32, in OpenVINO where "
-                                             "Slicer's Python has it (0.7x the time). On by default when no GPU "
-                                             "was found.")
+                                             "the network runs only where the body is (air is background), in "
+                                             "OpenVINO where Slicer's Python has it (fp32: the same labels, "
+                                             "0.7x the time), else in PyTorch with bf16 on CPUs that have it. "
+                                             "On by default when no GPU was found.")
         self.segmentShow3DCheckBox = qt.QCheckBox(_("Show 3D automatically"))
         self.segmentShow3DCheckBox.toolTip = _("Show each new result as surfaces in the 3D view.")
         self.show3DButton = qt.QPushButton(_("Show 3D"))

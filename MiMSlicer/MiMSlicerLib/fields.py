@@ -57,11 +57,13 @@ def gpu_requested(device: str) -> bool | None:
 
 
 def runtime_text(events) -> str:
-    """", network in OpenVINO" / ", network in PyTorch" from a segment job's ``start`` event
-    (``runtime``), "" when the job did not say (an older mimcore)."""
-    runtime = next((e.get("runtime") for e in events if e.get("event") == "start"), None)
+    """", network in OpenVINO fp32" / ", network in PyTorch bf16" from a segment job's ``start``
+    event (``runtime``, ``precision``), "" when the job did not say (an older mimcore)."""
+    start = next((e for e in events if e.get("event") == "start"), {})
+    runtime = start.get("runtime")
     names = {"openvino": "OpenVINO", "torch": "PyTorch"}
-    return f", network in {names.get(runtime, runtime)}" if runtime else ""
+    precision = f" {start['precision']}" if start.get("precision") else ""
+    return f", network in {names.get(runtime, runtime)}{precision}" if runtime else ""
 
 
 def gpu_found(check) -> bool | None:

@@ -388,7 +388,7 @@ def segment_arguments(image, model_path, output, device: str = "auto", fast: boo
     """The ``mim segment`` command line of :meth:`MiMLogicCore.start_segment` (without ``mim``).
 
     fast: add ``--fast`` (mimcore's fast profile: the network only on windows that hold part
-    of the body, bf16 on CPUs with native bf16, channels-last); the GUI's "Fast (CPU)" check
+    of the body, in OpenVINO fp32 where installed, else bf16 on CPUs with native bf16); the GUI's "Fast (CPU)" check
     box, on by default where no GPU was found (:func:`MiMSlicerLib.fields.default_fast`)."""
     argv = ["segment", str(image), "--model", str(model_path), "--output", str(output), "--device", str(device),
             "--progress", "json"]

@@ -67,9 +67,9 @@ def build_ui(app: StudioApp):
                            item_value="value", density="compact", hide_details=True, id="model-select")
                 v3.VCheckbox(label="Fast (CPU)", v_model=("segment_fast",), density="compact", hide_details=True,
                              id="segment-fast", disabled=("segment_running",),
-                             title=("mim segment --fast: the network only where the body is, bf16 where the CPU "
-                                    "has it, else fp32 in OpenVINO where installed. Ticked when the server found "
-                                    "no GPU."))
+                             title=("mim segment --fast: the network only where the body is, in OpenVINO fp32 "
+                                    "where installed (the default path's labels), else bf16 where the CPU has "
+                                    "it. Ticked when the server found no GPU."))
                 _progress("segment", "Segment", "trigger('segment', [model_choice])")
                 with html.Div(id="segment-list", v_show=("segments.length",), classes="mt-1"):
                     with html.Div(v_for="s in segments", key="s.id", classes="text-caption segment-item"):

@@ -15,8 +15,9 @@ Cases (``--cases``):
 Models (``--models``; random weights, 14 output channels, seeded):
 
 - ``*-fast``  the same model through the fast profile (``mim segment --fast``,
-  :mod:`mimcore.inference.profiles`: bf16 autocast on CPUs with native bf16, channels-last, air
-  windows skipped). The parent prints the per-class Dice of its labels against the reference
+  :mod:`mimcore.inference.profiles`: OpenVINO fp32 for windows up to 64^3, else PyTorch
+  with bf16 autocast on CPUs with native bf16 and channels-last; air windows skipped;
+  ``--precision bf16`` for PyTorch's bf16). The parent prints the per-class Dice of its labels against the reference
   run's (same model, same volume) -- with random weights many voxels sit near a tie between
   classes, so that Dice understates what trained models give: ``bundle`` / ``bundle-fast`` run a
   trained ``--bundle`` (e.g. the demo's) for the real comparison.
@@ -174,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                          "of fewer windows with the reference path, e.g. --overlap 0.5 --fast-overlap 0.25.")
     ap.add_argument("--sw-batch", type=int, default=2, help="Windows per network call (default 2, the bundle default).")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="auto: what `mim segment` does -- bf16 autocast on CUDA, fp32 on the CPU, bf16 on the CPU "
-                         "for -fast models where the CPU has native bf16; fp32: no autocast; bf16: everywhere.")
+                    help="auto: what `mim segment` does -- bf16 autocast on CUDA, fp32 on the CPU, except -fast "
+                         "models in PyTorch (no OpenVINO, or windows over 64^3) where the CPU has native bf16: "
+                         "bf16; fp32: no autocast; bf16: everywhere (-fast: PyTorch's bf16).")
     ap.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
                     help="What runs our network (mim segment --runtime): auto = OpenVINO for -fast models on the CPU "
                          "where it is installed, else PyTorch.")

@@ -20,7 +20,7 @@ from mimcore.data.volume_io import save_volume
 from mimcore.errors import MimError
 from mimcore.inference.openvino_cache import cache_dir
 from mimcore.inference.openvino_net import OpenVINONet, OpenVINOUnavailable, compile_openvino
-from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16
+from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16, openvino_dtype
 from mimcore.inference.segment import Segmenter
 from mimcore.models import segnet
 
@@ -124,7 +124,13 @@ def test_which_runtime_runs_the_network():
     assert choose_runtime("auto", cpu, PROFILES["fast"]) == "openvino"  # fp32 windows of 64^3 (small)
     assert choose_runtime("auto", cpu, PROFILES["fast"], roi=64, amp_dtype=None) == "openvino"
     assert choose_runtime("auto", cpu, PROFILES["fast"], roi=96) == "torch"  # base: OpenVINO's buffers, > 6 GB
-    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16) == "torch"  # agrees better
+    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16) == "torch"  # bf16 asked for
+    # --precision auto on a bf16 CPU: OpenVINO in fp32 (the reference labels) before PyTorch's bf16
+    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16, precision="auto") == "openvino"
+    assert choose_runtime("auto", cpu, PROFILES["fast"], 96, torch.bfloat16, "auto") == "torch"  # base: bf16
+    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16, precision="bf16") == "torch"
+    assert openvino_dtype("auto", torch.bfloat16) is None and openvino_dtype("auto", None) is None
+    assert openvino_dtype("bf16", torch.bfloat16) == torch.bfloat16 and openvino_dtype("fp32", None) is None
     assert choose_runtime("openvino", cpu, PROFILES["fast"], roi=96, amp_dtype=torch.bfloat16) == "openvino"
     assert choose_runtime("auto", cpu, PROFILES["reference"]) == "torch"  # the reference path stays PyTorch
     assert choose_runtime("auto", cuda, PROFILES["fast"]) == "torch"  # a GPU runs PyTorch
@@ -146,6 +152,13 @@ def test_without_openvino_fast_runs_in_pytorch_and_says_so(tiny, monkeypatch):
     assert "OpenVINO is not installed" in notes[0][1] and 'mimcore[fast]' in notes[0][1] and "PyTorch" in notes[0][1]
     labels = seg.segment(body_ct(shape=(40, 36, 12)))
     assert labels.shape == (40, 36, 12)
+    # --precision auto without OpenVINO: PyTorch, bf16 where the CPU has it natively (faster than fp32)
+    notes.clear()
+    seg = Segmenter(load_bundle(tiny), device="cpu", profile="fast", events=lambda ev, **f: notes.append(f["message"]))
+    expected = "bf16" if cpu_has_bf16() else "fp32"
+    assert (seg.runtime, seg.precision) == ("torch", expected)
+    assert len(notes) == 1 and notes[0].endswith(f"the network runs in PyTorch in {expected}" + (
+        " (autocast)" if expected == "bf16" else "")), notes
     with pytest.raises(MimError, match="--runtime openvino: OpenVINO is not installed"):
         Segmenter(load_bundle(tiny), device="cpu", profile="fast", runtime="openvino")
     with pytest.raises(OpenVINOUnavailable, match="not installed"):
@@ -177,11 +190,18 @@ def test_cli_fast_runs_openvino_and_keeps_the_grid(tmp_path, tiny, capsys):
     # the progress-bar mode says where the network ran
     assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "bar.nii.gz"), "--fast",
                  "--precision", "fp32", "--progress", "bar"]) == 0
-    assert "network on cpu in OpenVINO" in capsys.readouterr().out
-    if cpu_has_bf16():  # bf16 stays in PyTorch unless asked for
+    assert "network on cpu in OpenVINO fp32" in capsys.readouterr().out
+    # --precision auto: OpenVINO in fp32 on every CPU (the reference labels), bf16 only when asked for
+    assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "auto.nii.gz"), "--fast",
+                 "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    start = next(ev for ev in events if ev["event"] == "start")
+    assert (start["runtime"], start["precision"]) == ("openvino", "fp32")
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "auto.nii.gz"))) != outs["auto"]).sum() == 0
+    if cpu_has_bf16():  # asked-for bf16 runs in PyTorch (it agrees better with fp32 than OpenVINO's bf16)
         assert main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "bf.nii.gz"), "--fast",
-                     "--progress", "bar"]) == 0
-        assert "network on cpu in PyTorch" in capsys.readouterr().out
+                     "--precision", "bf16", "--progress", "bar"]) == 0
+        assert "network on cpu in PyTorch bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["segment", str(src), "--model", str(tiny), "--output", str(tmp_path / "x.nii.gz"), "--runtime", "onnx"])
 

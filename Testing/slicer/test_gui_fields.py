@@ -35,6 +35,8 @@ def test_where_the_segment_network_ran():
     start = {"event": "start", "stage": "segment", "runtime": "openvino"}
     assert runtime_text([start, {"event": "progress"}]) == ", network in OpenVINO"
     assert runtime_text([dict(start, runtime="torch")]) == ", network in PyTorch"
+    assert runtime_text([dict(start, runtime="torch", precision="bf16")]) == ", network in PyTorch bf16"
+    assert runtime_text([dict(start, precision="fp32")]) == ", network in OpenVINO fp32"
     assert runtime_text([{"event": "start", "stage": "segment"}]) == ""  # an older mimcore does not say
     assert runtime_text([]) == ""
 

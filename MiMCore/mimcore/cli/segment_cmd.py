@@ -33,18 +33,20 @@ def add_parser(sub) -> None:
                    help="also write <name>.png: the labels over axial, coronal and sagittal slices")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto = bf16/fp16 autocast on CUDA; on the CPU fp32, or bf16 with --fast where the CPU "
-                        "has native bf16 (AVX-512 BF16/AMX); bf16 = bf16 autocast on any device")
+                   help="auto = bf16/fp16 autocast on CUDA; fp32 on the CPU, except --fast windows that run in "
+                        "PyTorch (no OpenVINO, or windows over 64^3) on a CPU with native bf16 (AVX-512 "
+                        "BF16/AMX): bf16; bf16 = bf16 on any device (faster on such CPUs, labels within bf16's "
+                        "rounding of fp32's)")
     p.add_argument("--fast", action="store_true",
-                   help="the fast profile: bf16 on CPUs with native bf16 (PyTorch, channels-last); fp32 "
-                        "elsewhere, in OpenVINO where it is installed (pip install \"mimcore[fast]\"); and the network "
-                        "run only on windows that hold part of the body (found at low resolution; windows of "
-                        "air give background). Inside the body the windows are the default path's; "
+                   help="the fast profile: windows of up to 64^3 in OpenVINO in fp32 where it is installed (pip "
+                        "install \"mimcore[fast]\"; the default path's labels), else in PyTorch with channels-last, "
+                        "in bf16 on CPUs with native bf16; and the network run only on windows that hold part of "
+                        "the body (found at low resolution; windows of air give background). "
                         "Testing/benchmarks/bench_segment.py prints the Dice of fast against the default")
     p.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto",
-                   help="what runs the network: auto = OpenVINO for --fast fp32 windows of up to 64^3 on the CPU "
-                        "where it is installed, else PyTorch; openvino = OpenVINO (also bf16, any window) or an "
-                        "error (CPU only)")
+                   help="what runs the network: auto = OpenVINO in fp32 for --fast windows of up to 64^3 on the "
+                        "CPU where it is installed, else PyTorch (also for --precision bf16); openvino = OpenVINO "
+                        "(any window; bf16 with --precision bf16) or an error (CPU only)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     p.add_argument("--sw-batch", type=int, help="windows per network call (default: the bundle's)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -111,7 +113,7 @@ def run(ns: argparse.Namespace) -> int:
                     events=event, windows=windows, profile="fast" if ns.fast else "reference", runtime=ns.runtime)
     segments = [Label.from_dict(lab) for lab in bundle.labels]
     event("start", stage="segment", cases=len(inputs), model=bundle.name, device=str(seg.device), runtime=seg.runtime,
-          overlap=float(seg.settings["overlap"]))
+          precision=seg.precision, overlap=float(seg.settings["overlap"]))
     for name, fields in early:
         event(name, **fields)
     early = None
@@ -181,5 +183,6 @@ def segment_case(ns, seg, bundle, segments, src: Path, dst: Path, position: str,
           labels_present=present)
     if not json_mode and ns.progress != "none":
         print(f"{src.name} -> {', '.join(files)} ({time.perf_counter() - t0:.1f} s; network on {seg.device} "
-              f"in {'OpenVINO' if seg.runtime == 'openvino' else 'PyTorch'}, overlap {seg.settings['overlap']:g})")
+              f"in {'OpenVINO' if seg.runtime == 'openvino' else 'PyTorch'} {seg.precision}, "
+              f"overlap {seg.settings['overlap']:g})")
     return files

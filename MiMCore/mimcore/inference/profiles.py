@@ -4,12 +4,13 @@
 profile        what changes against the bundle's own settings
 =============  =====================================================================
 ``reference``  nothing: fp32 on the CPU, bf16/fp16 autocast on CUDA, every window.
-``fast``       bf16 autocast where the CPU has native bf16 (AVX-512 BF16 / AMX; oneDNN
-               says so); fp32 windows elsewhere run in OpenVINO where it is installed
+``fast``       windows of up to 64^3 (``small``) in OpenVINO in fp32 where it is installed
                (``mimcore[fast]``; :mod:`mimcore.inference.openvino_net`; see
-               :func:`choose_runtime`), else in PyTorch; in PyTorch channels-last
-               (``channels_last_3d``) weights and windows so that oneDNN's convolutions
-               skip their layout copies; windows that
+               :func:`choose_runtime`): the reference path's labels, faster; otherwise (no
+               OpenVINO, or larger windows) bf16 autocast where the CPU has native bf16
+               (AVX-512 BF16 / AMX; oneDNN says so) and fp32 elsewhere, in PyTorch with
+               channels-last (``channels_last_3d``) weights and windows so that oneDNN's
+               convolutions skip their layout copies; windows that
                hold only air (body mask found at low resolution,
                :mod:`mimcore.inference.body_region`) not computed: background; slabs of
                up to 2 GiB of probabilities instead of 1 GiB, so that a 512x512 CT at
@@ -23,8 +24,14 @@ and the out-of-memory fallback. Measured on a 2-core Xeon with AVX-512 BF16 (sha
 noisy): bf16 autocast 0.52x the fp32 time of a ``small`` window batch, channels-last on
 top 0.57x instead of 0.64x (oneDNN's 3D convolutions); skipping air saves the windows around
 the patient. Inside the body mask the skipped windows change nothing (every window that covers
-a body voxel runs), so what remains is bf16's rounding; the benchmark prints the per-class
-Dice of fast against reference (``Testing/benchmarks/bench_segment.py``).
+a body voxel runs), so in fp32 the labels are the reference path's and in bf16 what remains is
+bf16's rounding; the benchmark prints the per-class Dice of fast against reference
+(``Testing/benchmarks/bench_segment.py``). Why fp32 in OpenVINO comes first (measured on a
+2-core AMD EPYC with AVX-512 BF16, 2026-12-02): bf16 flips the near-tied voxels of whatever
+class a model is least sure of -- Dice against the reference 0.988-0.989 for the spleen and a
+kidney of a ``small`` trained 1200 steps at 1.5 mm, whichever layers are kept in fp32 short of
+nearly all of them -- while OpenVINO fp32 gives the reference labels in 165 s on a
+512x512x400 CT (bf16: see the README).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ class Profile:
     """How a segmentation run trades exactness for speed (see the module's table)."""
 
     name: str
-    cpu_bf16: bool  #: bf16 autocast on a CPU with native bf16 (``--precision auto``)
+    cpu_bf16: bool  #: bf16 autocast on a CPU with native bf16 (``--precision auto``, windows in PyTorch)
     channels_last: bool  #: channels_last_3d weights and windows
     skip_air: bool  #: windows without body voxels are not computed (background)
     slab_budget_bytes: int | None = None  #: probability buffer of one slab (None: the caller's, 1 GiB)
@@ -99,25 +106,33 @@ def autocast_dtype(device: torch.device, precision: str, profile: Profile) -> to
 
 
 def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: int = 64,
-                   amp_dtype: torch.dtype | None = None) -> str:
-    """Which runtime runs the network of ``roi``^3 windows in ``amp_dtype`` (None: fp32):
-    ``torch`` or ``openvino`` (CPU only).
+                   amp_dtype: torch.dtype | None = None, precision: str = "fp32") -> str:
+    """Which runtime runs the network of ``roi``^3 windows: ``torch`` or ``openvino`` (CPU only).
 
     ``runtime``: ``auto``, ``torch``, or ``openvino`` (an error off the CPU). ``auto`` runs the
-    profile's ``cpu_fp32_runtime`` for fp32 windows up to :data:`OPENVINO_AUTO_MAX_ROI` on the
-    CPU, and PyTorch for everything else. Measured (``bench_export.py``, ``bench_segment.py``,
-    2-core Xeon): OpenVINO fp32 gives PyTorch fp32's labels (Dice 1.000) in 0.70x the time of
-    the PyTorch fast path in fp32 on a 512x512x400 CT (191 s instead of 273 s), which is what
-    a CPU without native bf16 runs; in bf16 OpenVINO is faster still (85 s instead of 100 s)
-    but agrees less with fp32 (Dice of a trained ``small`` 0.981-0.999 per class, PyTorch bf16
-    0.987-0.999), so bf16 stays in PyTorch unless asked for (``--runtime openvino``). Whether OpenVINO is installed is checked when the
-    network is compiled (:func:`mimcore.inference.openvino_net.compile_openvino`)."""
+    profile's ``cpu_fp32_runtime`` on the CPU for windows up to :data:`OPENVINO_AUTO_MAX_ROI`
+    that run in fp32 -- ``amp_dtype`` None, or ``precision`` ``auto``, which OpenVINO runs in
+    fp32 (:func:`openvino_dtype`) -- and PyTorch for everything else. Measured
+    (``bench_export.py``, ``bench_segment.py``, 2-core Xeon and AMD EPYC): OpenVINO fp32 gives
+    PyTorch fp32's labels (Dice 1.000) in 0.67-0.80x PyTorch fp32's time per window (on a
+    512x512x400 CT 165-191 s instead of 273 s), so ``auto`` prefers it to PyTorch's bf16
+    (faster still, but labels that differ from fp32's: Dice of a trained ``small`` 0.987-0.999
+    per class); OpenVINO's bf16 agrees less (0.981-0.999) and runs only when asked for
+    (``--runtime openvino --precision bf16``). Whether OpenVINO is installed is checked when
+    the network is compiled (:func:`mimcore.inference.openvino_net.compile_openvino`)."""
     if runtime not in RUNTIMES:
         raise MimError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "openvino" and device.type != "cpu":
         raise MimError(f"--runtime openvino runs on the CPU only; this run is on {device} "
                        "(use --device cpu, or --runtime torch)")
     if runtime == "auto":
-        fits = device.type == "cpu" and amp_dtype is None and roi <= OPENVINO_AUTO_MAX_ROI
+        fp32 = amp_dtype is None or precision == "auto"
+        fits = device.type == "cpu" and fp32 and roi <= OPENVINO_AUTO_MAX_ROI
         return profile.cpu_fp32_runtime if fits else "torch"
     return runtime
+
+
+def openvino_dtype(precision: str, cpu_amp_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The precision OpenVINO runs the windows in (None: fp32): fp32 for ``--precision auto``
+    (the reference labels), else the asked-for ``cpu_amp_dtype``."""
+    return None if precision == "auto" else cpu_amp_dtype

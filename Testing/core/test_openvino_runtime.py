@@ -20,7 +20,7 @@ from mimcore.data.volume_io import save_volume
 from mimcore.errors import MimError
 from mimcore.inference.openvino_cache import cache_dir
 from mimcore.inference.openvino_net import OpenVINONet, OpenVINOUnavailable, compile_openvino
-from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16, openvino_dtype
+from mimcore.inference.profiles import PROFILES, choose_runtime, cpu_has_bf16, openvino_dtype, precision_name
 from mimcore.inference.segment import Segmenter
 from mimcore.models import segnet
 
@@ -126,11 +126,13 @@ def test_which_runtime_runs_the_network():
     assert choose_runtime("auto", cpu, PROFILES["fast"], roi=96) == "torch"  # base: OpenVINO's buffers, > 6 GB
     assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16) == "torch"  # bf16 asked for
     # --precision auto on a bf16 CPU: OpenVINO in fp32 (the reference labels) before PyTorch's bf16
-    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16, precision="auto") == "openvino"
-    assert choose_runtime("auto", cpu, PROFILES["fast"], 96, torch.bfloat16, "auto") == "torch"  # base: bf16
-    assert choose_runtime("auto", cpu, PROFILES["fast"], amp_dtype=torch.bfloat16, precision="bf16") == "torch"
     assert openvino_dtype("auto", torch.bfloat16) is None and openvino_dtype("auto", None) is None
     assert openvino_dtype("bf16", torch.bfloat16) == torch.bfloat16 and openvino_dtype("fp32", None) is None
+    assert choose_runtime("auto", cpu, PROFILES["fast"], 64, openvino_dtype("auto", torch.bfloat16)) == "openvino"
+    assert choose_runtime("auto", cpu, PROFILES["fast"], 96, openvino_dtype("auto", torch.bfloat16)) == "torch"
+    assert choose_runtime("auto", cpu, PROFILES["fast"], 64, openvino_dtype("bf16", torch.bfloat16)) == "torch"
+    assert (precision_name(None), precision_name(torch.bfloat16), precision_name(torch.float16)) == \
+        ("fp32", "bf16", "fp16")
     assert choose_runtime("openvino", cpu, PROFILES["fast"], roi=96, amp_dtype=torch.bfloat16) == "openvino"
     assert choose_runtime("auto", cpu, PROFILES["reference"]) == "torch"  # the reference path stays PyTorch
     assert choose_runtime("auto", cuda, PROFILES["fast"]) == "torch"  # a GPU runs PyTorch
@@ -157,8 +159,7 @@ def test_without_openvino_fast_runs_in_pytorch_and_says_so(tiny, monkeypatch):
     seg = Segmenter(load_bundle(tiny), device="cpu", profile="fast", events=lambda ev, **f: notes.append(f["message"]))
     expected = "bf16" if cpu_has_bf16() else "fp32"
     assert (seg.runtime, seg.precision) == ("torch", expected)
-    assert len(notes) == 1 and notes[0].endswith(f"the network runs in PyTorch in {expected}" + (
-        " (autocast)" if expected == "bf16" else "")), notes
+    assert len(notes) == 1 and notes[0].endswith(f"the network runs in PyTorch in {expected}"), notes
     with pytest.raises(MimError, match="--runtime openvino: OpenVINO is not installed"):
         Segmenter(load_bundle(tiny), device="cpu", profile="fast", runtime="openvino")
     with pytest.raises(OpenVINOUnavailable, match="not installed"):

@@ -106,13 +106,13 @@ def autocast_dtype(device: torch.device, precision: str, profile: Profile) -> to
 
 
 def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: int = 64,
-                   amp_dtype: torch.dtype | None = None, precision: str = "fp32") -> str:
+                   amp_dtype: torch.dtype | None = None) -> str:
     """Which runtime runs the network of ``roi``^3 windows: ``torch`` or ``openvino`` (CPU only).
 
+    ``amp_dtype``: the precision OpenVINO would run them in (:func:`openvino_dtype`; None: fp32).
     ``runtime``: ``auto``, ``torch``, or ``openvino`` (an error off the CPU). ``auto`` runs the
-    profile's ``cpu_fp32_runtime`` on the CPU for windows up to :data:`OPENVINO_AUTO_MAX_ROI`
-    that run in fp32 -- ``amp_dtype`` None, or ``precision`` ``auto``, which OpenVINO runs in
-    fp32 (:func:`openvino_dtype`) -- and PyTorch for everything else. Measured
+    profile's ``cpu_fp32_runtime`` on the CPU for fp32 windows up to
+    :data:`OPENVINO_AUTO_MAX_ROI`, and PyTorch for everything else. Measured
     (``bench_export.py``, ``bench_segment.py``, 2-core Xeon and AMD EPYC): OpenVINO fp32 gives
     PyTorch fp32's labels (Dice 1.000) in 0.67-0.80x PyTorch fp32's time per window (on a
     512x512x400 CT 165-191 s instead of 273 s), so ``auto`` prefers it to PyTorch's bf16
@@ -126,8 +126,7 @@ def choose_runtime(runtime: str, device: torch.device, profile: Profile, roi: in
         raise MimError(f"--runtime openvino runs on the CPU only; this run is on {device} "
                        "(use --device cpu, or --runtime torch)")
     if runtime == "auto":
-        fp32 = amp_dtype is None or precision == "auto"
-        fits = device.type == "cpu" and fp32 and roi <= OPENVINO_AUTO_MAX_ROI
+        fits = device.type == "cpu" and amp_dtype is None and roi <= OPENVINO_AUTO_MAX_ROI
         return profile.cpu_fp32_runtime if fits else "torch"
     return runtime
 
@@ -136,3 +135,8 @@ def openvino_dtype(precision: str, cpu_amp_dtype: torch.dtype | None) -> torch.d
     """The precision OpenVINO runs the windows in (None: fp32): fp32 for ``--precision auto``
     (the reference labels), else the asked-for ``cpu_amp_dtype``."""
     return None if precision == "auto" else cpu_amp_dtype
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``fp32`` (None), ``bf16`` or ``fp16``: what the events and messages call an autocast dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")

@@ -31,7 +31,7 @@ from mimcore.devices import resolve_device
 from mimcore.errors import MimError
 from mimcore.inference.body_region import body_mask, threshold_value
 from mimcore.inference.openvino_net import OpenVINOUnavailable, compile_openvino
-from mimcore.inference.profiles import autocast_dtype, choose_runtime, get_profile, openvino_dtype
+from mimcore.inference.profiles import autocast_dtype, choose_runtime, get_profile, openvino_dtype, precision_name
 from mimcore.inference.window import WindowSegmenter
 from mimcore.models import segnet
 
@@ -99,22 +99,21 @@ class Segmenter:
         cpu_amp = autocast_dtype(torch.device("cpu"), precision, self.profile)
         self.n_classes = segnet.out_channels(self.net)
         roi = segnet.input_size(self.net)
-        self.runtime = choose_runtime(runtime, self.device, self.profile, roi, cpu_amp, precision)
+        ov_amp = openvino_dtype(precision, cpu_amp)  # --precision auto: fp32, the reference labels
+        self.runtime = choose_runtime(runtime, self.device, self.profile, roi, ov_amp)
         window_net = self.net
         if self.runtime == "openvino":
             try:
-                ov_amp = openvino_dtype(precision, cpu_amp)
                 window_net = compile_openvino(self.net, roi, ov_amp, desc["weights"]["sha256"], desc["architecture"])
                 cpu_amp = ov_amp
             except OpenVINOUnavailable as err:
                 if runtime == "openvino":
                     raise MimError(f"--runtime openvino: {err}") from None
                 self.runtime = "torch"
-                how = "in bf16 (autocast)" if cpu_amp == torch.bfloat16 else "in fp32"
-                (events or (lambda *a, **k: None))("note", message=f"{err}: the network runs in PyTorch {how}")
+                (events or (lambda *a, **k: None))(
+                    "note", message=f"{err}: the network runs in PyTorch in {precision_name(cpu_amp)}")
         #: what the windows run in on the chosen device: ``fp32``, ``bf16`` or ``fp16``
-        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            amp if self.device.type == "cuda" else cpu_amp, "fp32")
+        self.precision = precision_name(amp if self.device.type == "cuda" else cpu_amp)
         channels_last = self.profile.channels_last and self.runtime == "torch"
         if channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
